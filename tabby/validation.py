@@ -109,12 +109,10 @@ def describe_type(tp: Any) -> str:
         return "one of " + ", ".join(_show(a) for a in args)
     if origin in (types.UnionType, typing.Union):
         return " or ".join(describe_type(a) for a in args)
-    if origin in (list, tuple, typing.Sequence, set, frozenset) or origin is getattr(
-        __import__("collections.abc").abc, "Sequence"
-    ):
+    if origin in (list, tuple, set, frozenset) or (origin is not None and _is_seq(origin)):
         inner = describe_type(args[0]) if args else "values"
         return f"a list of {_plural(inner)}"
-    if origin in (dict, typing.Mapping) or origin is Mapping:
+    if origin is dict or (origin is not None and _is_map(origin)):
         return "a table" if not args else f"a table of {_plural(describe_type(args[1]))}"
     if attrs.has(tp):
         return "a table"
@@ -214,7 +212,7 @@ def make_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
     conv.register_structure_hook_factory(_is_union, union_factory)
 
     def attrs_factory(cls: type) -> Callable[[Any, type], Any]:
-        base = make_dict_structure_fn(cls, conv)
+        base: Callable[[Any, type], Any] = make_dict_structure_fn(cls, conv)
         aliases: dict[str, str] = {}
         for a in attrs.fields(cls):
             for alias in a.metadata.get("aliases", ()):
@@ -246,23 +244,23 @@ def make_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
 
         return hook
 
-    conv.register_structure_hook_factory(lambda t: get_origin(t) is Literal, literal_factory)
-    conv.register_structure_hook(Any, lambda v, _t: v)
+    conv.register_structure_hook_factory(_is_literal, literal_factory)
+    conv.register_structure_hook_func(_is_any, lambda v, _t: v)
     return conv
 
 
 def _walk(exc: BaseException, path: str, out: list[Issue]) -> None:
     if isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            _walk(sub, f"{path}[{note.index!r}]", out)
-        for sub in without:
+        items, rest = exc.group_exceptions()
+        for sub, inote in items:
+            _walk(sub, f"{path}[{inote.index!r}]", out)
+        for sub in rest:
             _walk(sub, path, out)
     elif isinstance(exc, ClassValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            _walk(sub, f"{path}.{note.name}" if path else note.name, out)
-        for sub in without:
+        fields, others = exc.group_exceptions()
+        for sub, anote in fields:
+            _walk(sub, f"{path}.{anote.name}" if path else anote.name, out)
+        for sub in others:
             _walk(sub, path, out)
     elif isinstance(exc, ForbiddenExtraKeysError):
         for key in sorted(exc.extra_fields):
@@ -278,8 +276,8 @@ def _walk(exc: BaseException, path: str, out: list[Issue]) -> None:
     elif isinstance(exc, ValueError | TypeError | cattrs.errors.CattrsError):
         out.append(Issue(path, str(exc)))
     elif isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            _walk(sub, path, out)
+        for inner in exc.exceptions:
+            _walk(inner, path, out)
     else:
         raise exc
 
@@ -292,3 +290,12 @@ def structure(data: Any, cls: type[T], converter: cattrs.Converter) -> T:
         issues: list[Issue] = []
         _walk(exc, "", issues)
         raise ValidationFailed(issues) from None
+
+
+def _is_any(tp: object) -> bool:
+    return tp is Any
+
+
+def _is_literal(tp: object) -> bool:
+    origin: object = get_origin(tp)
+    return origin is Literal
