@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
+import cattrs.cols as cols
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
@@ -245,6 +246,31 @@ def make_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook_factory(_is_literal, literal_factory)
+
+    def sequence_factory(tp: Any) -> Callable[[Any, Any], Any]:
+        # cattrs would happily iterate a string into a list of characters.
+        origin = get_origin(tp) or tp
+        if origin is tuple:
+            inner = cols.homogenous_tuple_structure_factory(tp, conv)
+        else:
+            inner = cols.list_structure_factory(tp, conv)
+            if origin in (set, frozenset) or cols.is_any_set(tp):
+                base_inner = inner
+                kind: type = frozenset if origin is frozenset else set
+
+                def inner(value: Any, t: Any) -> Any:
+                    return kind(base_inner(value, t))
+
+        def hook(value: Any, t: Any) -> Any:
+            if not isinstance(value, list | tuple | set | frozenset):
+                raise _StrictTypeError(f"expected {describe_type(tp)}, got {_show(value)}")
+            return inner(value, t)
+
+        return hook
+
+    conv.register_structure_hook_factory(
+        lambda t: cols.is_sequence(t) or cols.is_any_set(t), sequence_factory
+    )
     conv.register_structure_hook_func(_is_any, lambda v, _t: v)
     return conv
 

@@ -1,0 +1,90 @@
+"""Shared fixtures: a real tabby server on 127.0.0.1 port 0 inside the test's nursery.
+
+Usage::
+
+    async def test_something(live_server):
+        server = await live_server()                         # defaults, auth on
+        server = await live_server(network={"disable_auth": True})
+        async with server.client() as client:               # httpx, base_url set
+            r = await client.get("/v1/auth/permission", headers=server.auth("api"))
+
+``live_server(config=..., network=..., extra_blueprints=..., **serve_kwargs)`` takes a
+whole :class:`TabbyConfig` or overrides of ``[network]``; ``serve_kwargs`` go to
+``tabby.server.serve`` (for the services later parts add). The server runs until the
+test ends; ``server.info.shutdown()`` starts a graceful shutdown earlier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import httpx
+import pytest
+import quart
+import trio
+
+from tabby.config import NetworkConfig, TabbyConfig
+from tabby.keys import read_key_file
+from tabby.server import ServerInfo, serve
+
+
+@attrs.frozen
+class LiveServer:
+    url: str
+    info: ServerInfo
+    config: TabbyConfig
+    admin_key: str
+    api_key: str
+
+    @property
+    def keys_file(self) -> Path:
+        return self.config.resolve(self.config.network.api_tokens_file)
+
+    def auth(self, kind: Literal["api", "admin"] = "api") -> dict[str, str]:
+        key = self.admin_key if kind == "admin" else self.api_key
+        return {"Authorization": f"Bearer {key}"}
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=kwargs.pop("timeout", 10.0), **kwargs)
+
+
+StartServer = Callable[..., Awaitable[LiveServer]]
+
+
+def make_config(base_dir: Path, **network: Any) -> TabbyConfig:
+    """Defaults, with ``[network]`` overrides, on 127.0.0.1:0, files under ``base_dir``."""
+    net = {"host": "127.0.0.1", "port": 0, "shutdown_grace": 1.0, **network}
+    return TabbyConfig(network=NetworkConfig(**net), base_dir=base_dir)
+
+
+@pytest.fixture
+def live_server(nursery: trio.Nursery, tmp_path: Path) -> StartServer:
+    async def start(
+        config: TabbyConfig | None = None,
+        *,
+        network: dict[str, Any] | None = None,
+        extra_blueprints: Sequence[quart.Blueprint] = (),
+        **serve_kwargs: Any,
+    ) -> LiveServer:
+        if config is None:
+            config = make_config(tmp_path, **(network or {}))
+        info: ServerInfo = await nursery.start(
+            lambda task_status: serve(
+                config,
+                quiet=True,
+                extra_blueprints=extra_blueprints,
+                task_status=task_status,
+                **serve_kwargs,
+            )
+        )
+        keys = info.created_keys
+        if keys is None and not info.auth_disabled:
+            keys = read_key_file(config.resolve(config.network.api_tokens_file))
+        admin_key = keys.admin_key if keys else ""
+        api_key = keys.api_keys[0] if keys and keys.api_keys else ""
+        return LiveServer(info.urls[0], info, config, admin_key, api_key)
+
+    return start
