@@ -167,6 +167,9 @@ class JobResult:
     stop_reason: StopReason | None = None
     stop_str: str | None = None  # the stop string or token text that ended the job
     stats: JobStats | None = None
+    # Set (with finished=True) when the backend failed this job alone; the scheduler
+    # ends its stream with Failed(GenerationFailed(error)).
+    error: str | None = None
 
 
 @attrs.frozen

@@ -1,0 +1,118 @@
+"""Stream items that several actors and the HTTP layer share.
+
+A generation job's reply channel carries :data:`JobEvent` items: any number of
+:class:`TextChunk`, then exactly one :class:`Finished` or :class:`Failed`, then the
+channel closes. A model load's progress channel carries :data:`LoadEvent` items:
+``LoadProgress`` events of the backend, then exactly one :class:`ModelLoaded` or
+:class:`LoadFailed`, then the channel closes.
+
+Consumers never need to look at anything but these classes; every error they see is a
+:class:`tabby.errors.TabbyError`, so the HTTP layer can map it without inspecting text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import attrs
+import trio
+
+from tabby.backends.base import FinishReason, JobStats, LoadProgress, StopReason, TokenLogprob
+from tabby.errors import TabbyError
+
+if TYPE_CHECKING:
+    from tabby.model_settings import ServingState
+
+__all__ = [
+    "Answer",
+    "Failed",
+    "Finished",
+    "JobEvent",
+    "LoadEvent",
+    "LoadFailed",
+    "LoadProgress",
+    "ModelLoaded",
+    "Reply",
+    "TextChunk",
+    "answer",
+]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class TextChunk:
+    """New output of one job since its previous chunk.
+
+    When the consumer falls behind, the scheduler merges several backend results into
+    one chunk: ``text`` is then the concatenation, ``token_ids`` and ``logprobs`` hold
+    every token in order. Nothing is ever dropped.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@attrs.frozen
+class Finished:
+    """The job ended normally; the last event of its stream.
+
+    ``stop_reason`` is ``"cancelled"`` when the job was stopped by an explicit
+    ``Cancel`` (e.g. the Kobold abort): the text sent so far is the answer.
+    ``stats`` is None only for such cancelled jobs when the backend gave none.
+    """
+
+    finish_reason: FinishReason
+    stop_reason: StopReason | None = None
+    stop_str: str | None = None
+    stats: JobStats | None = None
+
+
+@attrs.frozen
+class Failed:
+    """The job ended with an error; the last event of its stream."""
+
+    error: TabbyError
+
+
+JobEvent = TextChunk | Finished | Failed
+
+
+@attrs.frozen
+class ModelLoaded:
+    """A load finished; ``state`` is the ServingState published with the new model."""
+
+    state: ServingState
+
+
+@attrs.frozen
+class LoadFailed:
+    """A load failed after it was accepted; the last event of the progress stream."""
+
+    error: TabbyError
+
+
+LoadEvent = LoadProgress | ModelLoaded | LoadFailed
+
+
+@attrs.frozen
+class Answer(Generic[T]):
+    """A one-shot reply: a value or the error that prevented it."""
+
+    value: T | None = None
+    error: TabbyError | None = None
+
+
+Reply = trio.MemorySendChannel[Answer[T]]
+
+
+def answer(reply: Reply[T], value: T | None = None, error: TabbyError | None = None) -> None:
+    """Send the one answer to a request and close its reply channel.
+
+    The asker may have gone away meanwhile (e.g. a client disconnect): that is fine.
+    """
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        reply.send_nowait(Answer(value, error))
+    reply.close()

@@ -1,0 +1,69 @@
+"""Pieces of the ModelManager's load task: its queued operations and progress plumbing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import attrs
+import trio
+
+from tabby.actors.messages import LoadEvent, Reply
+from tabby.actors.model_planning import LoadPlan
+from tabby.backends.base import LoadProgress, ProgressCallback
+from tabby.errors import TabbyError
+from tabby.model_settings import ServingState
+
+__all__ = ["LoadOp", "Operation", "UnloadOp", "as_load_error", "progress_sender", "send_final"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class LoadOp:
+    plan: LoadPlan
+    progress: trio.MemorySendChannel[LoadEvent] | None
+    done: Reply[ServingState] | None
+    force: bool = False  # reload even if the same model is loaded (LoRA changes)
+
+
+@attrs.frozen
+class UnloadOp:
+    skip_queue: bool
+    done: Reply[None]
+
+
+Operation = LoadOp | UnloadOp
+
+
+def as_load_error(exc: Exception, name: str) -> TabbyError:
+    if isinstance(exc, TabbyError):
+        return exc
+    return TabbyError(f"loading model {name!r} failed: {type(exc).__name__}: {exc}")
+
+
+def progress_sender(send: trio.MemorySendChannel[LoadEvent] | None) -> ProgressCallback:
+    """A callback for the loading thread that forwards progress without ever waiting."""
+
+    def progress(event: LoadProgress) -> None:
+        if send is None:
+            return
+        # A slow or departed client must not hold up the load.
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            trio.from_thread.run_sync(send.send_nowait, event)
+
+    return progress
+
+
+def send_final(send: trio.MemorySendChannel[LoadEvent] | None, event: LoadEvent) -> None:
+    if send is None:
+        return
+    try:
+        send.send_nowait(event)
+    except trio.WouldBlock:
+        log.warning("load client lags behind; its final event was dropped")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    send.close()
