@@ -1,0 +1,579 @@
+"""The exllamav3 backend: EXL3 (and unquantized) models on NVIDIA GPUs.
+
+Nothing here imports exllamav3 at module import time: the library is imported by
+:func:`load` only, after the runtime checks of ``exllama_common`` (its first import
+compiles a CUDA extension for minutes). Everything that decides what the library is
+asked to do is a pure function of our own types (``build_sampler_steps``,
+``cache_kwargs``, ``load_kwargs``, ``filter_kwargs``, ``job_kwargs``), so it is tested
+on machines without a GPU; the library objects are made from them at the last moment.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any, Literal
+
+import attrs
+
+from tabby.backends.base import (
+    BackendStats,
+    Capabilities,
+    ConstraintSpec,
+    GenerationJob,
+    JobResult,
+    LoadProgress,
+    LoadSpec,
+    ModelInfo,
+    ProgressCallback,
+    SamplerSettings,
+)
+from tabby.backends.exllama_common import (
+    PAGE_SIZE,
+    CacheBits,
+    JobLimits,
+    LibraryName,
+    LibraryTokenizer,
+    Placement,
+    autosplit_reserve_gb,
+    check_runtime,
+    chunk_size_for,
+    clean_strings,
+    import_library,
+    job_limits,
+    parse_cache_mode_v3,
+    placement,
+    read_tokenizer_facts,
+    size_context,
+    stop_conditions,
+    translate_results,
+    unsupported_samplers,
+)
+from tabby.errors import ConstraintError, ContextLengthExceeded, NotSupported
+
+__all__ = [
+    "DEFAULT_DRAFT_TOKENS",
+    "SUPPORTED_SAMPLERS",
+    "ExLlamaV3Backend",
+    "build_sampler_steps",
+    "cache_kwargs",
+    "check",
+    "filter_kwargs",
+    "job_kwargs",
+    "load",
+    "load_kwargs",
+    "materialise_sampler",
+]
+
+log = logging.getLogger(__name__)
+
+NAME: LibraryName = "exllamav3"
+# Samplers of SamplerSettings that exllamav3 has (the rest are warned about and ignored).
+SUPPORTED_SAMPLERS = ("xtc", "dry", "allowed_tokens")
+DEFAULT_DRAFT_TOKENS = 4
+# Batch slots when the user gives none (upstream: 4 for recurrent models).
+DEFAULT_MAX_BATCH_SIZE = 128
+RECURRENT_MAX_BATCH_SIZE = 4
+# A penalty range "whole context" in the library's terms.
+WHOLE_CONTEXT = int(10e7)
+# Samplers that take the library tokenizer (XTC's protected tokens, DRY's defaults).
+_NEEDS_TOKENIZER = frozenset({"SS_XTC", "SS_DRY"})
+_GRAMMAR_KEYS = {
+    "json_schema": "json_schema",
+    "regex": "regex",
+    "lark": "lark_grammar",
+    "gbnf": "gbnf_grammar",
+}
+
+Step = tuple[str, dict[str, Any]]
+
+
+def check() -> None:
+    """The registry's availability check: raises BackendUnavailable; imports nothing."""
+    check_runtime(NAME)
+
+
+# -- translation of our types (pure) ------------------------------------------------------
+
+
+def build_sampler_steps(
+    s: SamplerSettings,
+    *,
+    eos_ids: Sequence[int],
+    vocab_size: int,
+    dry_breaker_ids: Iterable[int] = (),
+) -> list[Step]:
+    """The ``CustomSampler`` stack for ``s``, as (step class name, kwargs) pairs.
+
+    Order as upstream: bias, penalties, bans, then temperature/top-k/top-p/min-p
+    (temperature last when asked), XTC, and a sampling step; temperature 0 keeps only
+    bias, penalties and bans and ends with argmax.
+    """
+    steps: list[Step] = []
+    bias: dict[int, float] = {}
+    for token, value in s.logit_bias:
+        bias[token] = bias.get(token, 0.0) + value
+    if bias:
+        steps.append(("SS_LogitBias", {"logit_bias": bias}))
+    sustain = s.penalty_range if s.penalty_range > 0 else WHOLE_CONTEXT
+    decay = max(s.repetition_decay, 1)
+    steps.append(
+        ("SS_RepP", {"rep_p": s.repetition_penalty, "sustain_range": sustain, "decay_range": decay})
+    )
+    steps.append(
+        (
+            "SS_PresFreqP",
+            {
+                "pres_p": s.presence_penalty,
+                "freq_p": s.frequency_penalty,
+                "sustain_range": sustain,
+                "decay_range": decay,
+            },
+        )
+    )
+    if s.dry_multiplier > 0:
+        steps.append(
+            (
+                "SS_DRY",
+                {
+                    "dry_multiplier": s.dry_multiplier,
+                    "dry_base": s.dry_base,
+                    "dry_allowed_length": s.dry_allowed_length,
+                    "dry_range": s.dry_range,
+                    "dry_sequence_breakers": sorted(set(dry_breaker_ids)),
+                },
+            )
+        )
+    banned = set(s.banned_tokens)
+    if s.ban_eos_token:
+        banned.update(eos_ids)
+    if s.allowed_tokens:
+        allowed = set(s.allowed_tokens)
+        banned.update(t for t in range(vocab_size) if t not in allowed)
+    if banned:
+        steps.append(("SS_BanTokens", {"token_ids": sorted(banned)}))
+    if s.temperature <= 0.0:
+        steps.append(("SS_Argmax", {}))
+        return steps
+    if not s.temperature_last:
+        steps.append(("SS_Temperature", {"temperature": s.temperature}))
+    steps.append(("SS_TopK", {"top_k": s.top_k}))
+    steps.append(("SS_TopP", {"top_p": s.top_p}))
+    steps.append(("SS_MinP", {"min_p": s.min_p}))
+    if s.temperature_last:
+        steps.append(("SS_Temperature", {"temperature": s.temperature}))
+    if s.xtc_probability > 0:
+        steps.append(
+            ("SS_XTC", {"probability": s.xtc_probability, "threshold": s.xtc_threshold})
+        )
+    steps.append(("SS_Sample", {}))
+    return steps
+
+
+def materialise_sampler(steps: Sequence[Step], lib: ModuleType, tokenizer: object) -> object:
+    """A fresh ``CustomSampler`` (samplers hold per-job state: never share one)."""
+    made = []
+    for name, kwargs in steps:
+        extra = {"tokenizer": tokenizer} if name in _NEEDS_TOKENIZER else {}
+        made.append(getattr(lib, name)(**kwargs, **extra))
+    return lib.CustomSampler(made)
+
+
+def filter_kwargs(constraint: ConstraintSpec) -> dict[str, Any]:
+    """``LLGuidanceFilter`` arguments besides the tokenizer; completion ends the job."""
+    return {"eos_after_completed": True, _GRAMMAR_KEYS[constraint.kind]: constraint.source}
+
+
+def job_kwargs(
+    job: GenerationJob,
+    *,
+    limits: JobLimits,
+    eos_ids: Sequence[int],
+    chunk_size: int,
+    sampler: object,
+    filters: Sequence[object] = (),
+    embeddings: Sequence[object] = (),
+) -> dict[str, Any]:
+    """Every ``Job(...)`` argument, explicit (the library defaults are not neutral)."""
+    import torch
+
+    return {
+        "input_ids": torch.tensor([job.prompt_ids], dtype=torch.long),
+        "max_new_tokens": limits.max_new_tokens,
+        "min_new_tokens": job.min_new_tokens,
+        "max_skips": 4,
+        "sampler": sampler,
+        "seed": job.seed,
+        "stop_conditions": stop_conditions(job, eos_ids),
+        "decode_special_tokens": True,
+        "return_top_tokens": job.top_logprobs if job.logprobs else 0,
+        "return_logits": False,
+        "return_probs": job.logprobs,
+        "filters": list(filters),
+        "token_healing": False,
+        "identifier": job.job_id,
+        "banned_strings": clean_strings(job.banned_strings),
+        "embeddings": list(embeddings),
+        # Output chunking: a long generation gives its pages back every chunk.
+        "max_rq_tokens": chunk_size,
+    }
+
+
+def cache_kwargs(
+    bits: CacheBits | None, *, cache_size: int, max_batch_size: int, max_history: int
+) -> dict[str, Any]:
+    """``Cache(model, ...)`` arguments; ``layer_type`` is a class name of the library."""
+    out: dict[str, Any] = {
+        "max_num_tokens": cache_size,
+        "max_batch_size": max_batch_size,
+        "max_history": max_history,
+    }
+    if bits is None:
+        out["layer_type"] = "CacheLayer_fp16"
+    else:
+        out.update(layer_type="CacheLayer_quant", k_bits=bits.k_bits, v_bits=bits.v_bits)
+    return out
+
+
+def load_kwargs(place: Placement, *, reserve_mb: Sequence[float], devices: int) -> dict[str, Any]:
+    """Where ``model.load_gen`` puts the weights (GB per device in the library's terms)."""
+    if place.mode == "single":
+        return {"device": "cuda:0"}
+    if place.mode == "manual":
+        return {"use_per_device": list(place.gpu_split)}
+    if place.mode == "tp":
+        out: dict[str, Any] = {"tensor_p": True, "tp_backend": "native"}
+        if place.gpu_split:
+            out["use_per_device"] = list(place.gpu_split)
+        return out
+    return {"reserve_per_device": autosplit_reserve_gb(reserve_mb, devices)}
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+@attrs.define
+class _Live:
+    job: object  # the library Job
+    limits: JobLimits
+    tokens: int
+
+
+@attrs.frozen
+class _Parts:
+    """Library objects of one load, freed together."""
+
+    model: Any
+    cache: Any
+    generator: Any
+    draft_model: Any = None
+    draft_cache: Any = None
+    vision: Any = None
+
+
+class ExLlamaV3Backend:
+    """Implements ``tabby.backends.base.Backend``; used from one worker thread."""
+
+    def __init__(
+        self,
+        lib: ModuleType,
+        parts: _Parts,
+        tokenizer: LibraryTokenizer,
+        info: ModelInfo,
+    ) -> None:
+        self._lib = lib
+        self._parts: _Parts | None = parts
+        self._tokenizer = tokenizer
+        self._info = info
+        self._eos = info.eos_token_ids
+        self._live: dict[str, _Live] = {}
+        self._by_job: dict[int, str] = {}  # id(library job) → our job id
+        self._last_batch = 0
+        self._generated = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> LibraryTokenizer:
+        return self._tokenizer
+
+    def _require(self) -> _Parts:
+        if self._parts is None:
+            raise NotSupported("the exllamav3 model was unloaded")
+        return self._parts
+
+    def enqueue(self, job: GenerationJob) -> None:
+        parts = self._require()
+        # The reference engine's masker mirrors job.constraint, which is what we compile.
+        if job.masker is not None and job.constraint is None:
+            raise NotSupported(
+                "per-token masks are not supported by the exllamav3 backend; use a constraint"
+            )
+        limits = job_limits(job, max_seq_len=self._info.max_seq_len, cache_size=self._info.cache_size)
+        missing = unsupported_samplers(job.sampler, SUPPORTED_SAMPLERS)
+        if missing:
+            log.warning("job %s: exllamav3 has no %s; ignored", job.job_id, ", ".join(missing))
+        breakers = [
+            ids[-1]
+            for ids in (self._tokenizer.encode(b) for b in job.sampler.dry_sequence_breakers)
+            if ids
+        ]
+        steps = build_sampler_steps(
+            job.sampler,
+            eos_ids=self._eos,
+            vocab_size=self._tokenizer.vocab_size,
+            dry_breaker_ids=breakers,
+        )
+        sampler = materialise_sampler(steps, self._lib, self._tokenizer.library)
+        filters = [self._make_filter(job.constraint)] if job.constraint is not None else []
+        kwargs = job_kwargs(
+            job,
+            limits=limits,
+            eos_ids=self._eos,
+            chunk_size=self._info.chunk_size,
+            sampler=sampler,
+            filters=filters,
+            embeddings=job.embeddings,
+        )
+        lib_job = self._lib.Job(**kwargs)
+        try:
+            parts.generator.enqueue(lib_job)
+        except AssertionError as exc:
+            # enqueue's assertions are all about the job never fitting the cache.
+            raise ContextLengthExceeded(f"the job does not fit the cache: {exc}") from None
+        self._live[job.job_id] = _Live(lib_job, limits, len(job.prompt_ids))
+        self._by_job[id(lib_job)] = job.job_id
+
+    def _make_filter(self, constraint: ConstraintSpec) -> object:
+        try:
+            return self._lib.LLGuidanceFilter(self._tokenizer.library, **filter_kwargs(constraint))
+        except ValueError as exc:
+            raise ConstraintError(f"invalid {constraint.kind}: {exc}", param="constraint") from None
+
+    def cancel(self, job_id: str) -> None:
+        live = self._live.pop(job_id, None)
+        if live is None or self._parts is None:
+            return
+        self._by_job.pop(id(live.job), None)
+        self._parts.generator.cancel(live.job)
+
+    def _job_id_of(self, result: Mapping[str, Any]) -> str | None:
+        return self._by_job.get(id(result.get("job")))
+
+    def step(self) -> list[JobResult]:
+        parts = self._require()
+        raw = parts.generator.iterate()
+        results = translate_results(
+            raw,
+            self._job_id_of,
+            self._tokenizer,
+            context_bound=lambda job_id: self._live[job_id].limits.context_bound,
+        )
+        self._last_batch = 0
+        for result in results:
+            if result.token_ids:
+                self._last_batch += 1
+                self._generated += len(result.token_ids)
+                self._live[result.job_id].tokens += len(result.token_ids)
+            if result.finished:
+                live = self._live.pop(result.job_id)
+                self._by_job.pop(id(live.job), None)
+        return results
+
+    def has_work(self) -> bool:
+        return self._parts is not None and bool(self._parts.generator.num_remaining_jobs())
+
+    def statistics(self) -> BackendStats:
+        gen = self._parts.generator if self._parts is not None else None
+        active = int(gen.num_active_jobs()) if gen is not None else 0
+        pending = int(gen.num_pending_jobs()) if gen is not None else 0
+        used = sum(-(-live.tokens // PAGE_SIZE) for live in self._live.values())
+        total = self._info.cache_size // PAGE_SIZE
+        return BackendStats(
+            live_jobs=active,
+            waiting_jobs=pending,
+            last_batch_size=self._last_batch,
+            cache_pages_total=total,
+            cache_pages_used=min(used, total),
+            page_size=PAGE_SIZE,
+            tokens_generated=self._generated,
+        )
+
+    def image_embedding(self, image: object) -> object:
+        """An ``MMEmbedding`` for a PIL image (its ``text_alias`` goes into the prompt)."""
+        parts = self._require()
+        if parts.vision is None:
+            raise NotSupported("this model was loaded without a vision tower (set vision = true)")
+        return parts.vision.get_image_embeddings(tokenizer=self._tokenizer.library, image=image)
+
+    def close(self) -> None:
+        parts, self._parts = self._parts, None
+        self._live.clear()
+        self._by_job.clear()
+        if parts is None:
+            return
+        for component in (parts.model, parts.draft_model, parts.vision):
+            if component is not None:
+                component.unload()
+        parts.generator.close()
+        del parts
+        _free_vram()
+
+
+def _free_vram() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _load_component(
+    model: Any,
+    kwargs: Mapping[str, Any],
+    kind: Literal["model", "draft", "vision"],
+    progress: ProgressCallback,
+) -> None:
+    """Run ``model.load_gen`` to the end, one LoadProgress per module."""
+    total = 0
+    for item in model.load_gen(**kwargs):
+        if isinstance(item, tuple) and len(item) == 2:
+            done, total = int(item[0]), int(item[1])
+            progress(LoadProgress(kind, done, total))
+    progress(LoadProgress(kind, total, total, "finished"))
+
+
+def _make_cache(lib: ModuleType, model: Any, kwargs: Mapping[str, Any]) -> Any:
+    args = dict(kwargs)
+    args["layer_type"] = getattr(lib, args["layer_type"])
+    return lib.Cache(model, **args)
+
+
+def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV3Backend:
+    """Load an exllamav3 model folder (blocking; run it in a worker thread)."""
+    lib = import_library(NAME)
+    import torch
+
+    path = str(spec.path)
+    config = lib.Config.from_directory(path)
+    size = size_context(
+        NAME,
+        max_seq_len=spec.max_seq_len,
+        cache_size=spec.cache_size,
+        native=getattr(config, "max_position_embeddings", None),
+    )
+    if spec.rope_scale not in (None, 1.0) or spec.rope_alpha not in (None, 1.0):
+        log.warning("exllamav3 takes RoPE settings from config.json; rope_scale/rope_alpha ignored")
+    if spec.loras:
+        raise NotSupported("LoRAs are not supported by the exllamav3 backend", param="loras")
+    chunk = chunk_size_for(spec.chunk_size)
+    bits = parse_cache_mode_v3(spec.cache_mode)
+    devices = torch.cuda.device_count()
+    where = load_kwargs(
+        placement(
+            devices=devices,
+            gpu_split=spec.gpu_split,
+            gpu_split_auto=spec.gpu_split_auto,
+            tensor_parallel=spec.tensor_parallel,
+        ),
+        reserve_mb=spec.autosplit_reserve,
+        devices=devices,
+    )
+    side = {k: v for k, v in where.items() if k not in ("tensor_p", "tp_backend")}
+    loaded: list[Any] = []
+    try:
+        vision = None
+        if spec.vision:
+            if "vision" in getattr(config, "model_classes", {}):
+                vision = lib.Model.from_config(config, component="vision")
+                _load_component(vision, side, "vision", progress)
+                loaded.append(vision)
+            else:
+                log.warning("vision = true, but %s has no vision tower", spec.name)
+        model = lib.Model.from_config(config)
+        caps = getattr(model, "caps", {}) or {}
+        batch = spec.max_batch_size or (
+            RECURRENT_MAX_BATCH_SIZE if caps.get("recurrent_states") else DEFAULT_MAX_BATCH_SIZE
+        )
+        draft_model = draft_cache = None
+        num_draft = 0
+        if spec.draft is not None:
+            num_draft = spec.draft.num_tokens or int(
+                caps.get("default_draft_size") or DEFAULT_DRAFT_TOKENS
+            )
+            draft_config = lib.Config.from_directory(str(spec.draft.path))
+            draft_model = lib.Model.from_config(draft_config)
+            draft_cache = _make_cache(
+                lib,
+                draft_model,
+                cache_kwargs(
+                    parse_cache_mode_v3(spec.draft.cache_mode),
+                    cache_size=size.cache_size,
+                    max_batch_size=batch,
+                    max_history=0,
+                ),
+            )
+            draft_where = (
+                {"use_per_device": list(spec.draft.gpu_split)} if spec.draft.gpu_split else side
+            )
+            _load_component(draft_model, draft_where, "draft", progress)
+            loaded.append(draft_model)
+        # The cache must exist before model.load: loading allocates it.
+        cache = _make_cache(
+            lib,
+            model,
+            cache_kwargs(bits, cache_size=size.cache_size, max_batch_size=batch, max_history=num_draft),
+        )
+        _load_component(
+            model, {**where, "max_chunk_size": chunk, "max_batch_size": batch}, "model", progress
+        )
+        loaded.append(model)
+        tokenizer = lib.Tokenizer.from_config(config)
+        generator = lib.Generator(
+            model=model,
+            cache=cache,
+            tokenizer=tokenizer,
+            max_batch_size=batch,
+            max_chunk_size=chunk,
+            draft_model=draft_model,
+            draft_cache=draft_cache,
+            num_draft_tokens=num_draft or None,
+        )
+    except BaseException:
+        for component in loaded:
+            component.unload()
+        _free_vram()
+        raise
+    # Creating the Tokenizer completed the config's EOS list (generation_config etc.).
+    eos = tuple(dict.fromkeys(int(i) for i in (config.eos_token_id_list or [])))
+    facts = read_tokenizer_facts(spec.path)
+    adapter = LibraryTokenizer(tokenizer)
+    info = ModelInfo(
+        name=spec.name,
+        backend=NAME,
+        max_seq_len=size.max_seq_len,
+        vocab_size=adapter.vocab_size,
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_ids=eos,
+        bos_token=facts.bos_token,
+        eos_token=facts.eos_token,
+        pad_token=facts.pad_token,
+        unk_token=facts.unk_token,
+        add_bos_token=facts.add_bos_token,
+        chat_template=facts.chat_template,
+        cache_size=size.cache_size,
+        cache_mode=spec.cache_mode,
+        max_batch_size=batch,
+        chunk_size=chunk,
+        capabilities=Capabilities(vision=vision is not None, draft=draft_model is not None),
+        path=path,
+    )
+    parts = _Parts(model, cache, generator, draft_model, draft_cache, vision)
+    return ExLlamaV3Backend(lib, parts, adapter, info)
