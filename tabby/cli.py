@@ -19,6 +19,7 @@ import trio
 from tabby.config import ConfigError, TabbyConfig
 from tabby.config.export import export_config
 from tabby.config.loader import load_config
+from tabby.config.tomlio import write_toml_atomic
 from tabby.keys import KeyFileError, keys_main
 from tabby.keys import add_arguments as add_keys_arguments
 from tabby.logs import setup_logging
@@ -94,8 +95,15 @@ def export_config_command(args: list[str]) -> int:
     if ns.output is None:
         sys.stdout.write(text)
     else:
-        ns.output.write_text(text, encoding="utf-8")
+        write_toml_atomic(ns.output, text)
     return 0
+
+
+def _export_openapi(args: list[str]) -> int:
+    # Imported here: building the app pulls in quart and every route module.
+    from tabby.http.openapi import export_openapi_command
+
+    return export_openapi_command(args)
 
 
 def _not_built(name: str) -> Command:
@@ -112,7 +120,7 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "keys": ("show the API keys, add one, or rotate the admin key", keys_command),
     "export-config": ("print the commented default tabby.toml", export_config_command),
     "download": ("download a model from the Hugging Face hub", _not_built("download")),
-    "export-openapi": ("write the OpenAPI schema", _not_built("export-openapi")),
+    "export-openapi": ("write the OpenAPI schema", _export_openapi),
 }
 
 
