@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import attrs
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "Backend",
@@ -102,14 +105,20 @@ class ConstraintSpec:
 
     kind: Literal["json_schema", "regex", "lark", "gbnf"]
     source: str  # the JSON schema text, regex, or grammar
+    # The request field it came from, for error messages (e.g. "response_format").
+    param: str | None = None
 
 
 @runtime_checkable
 class TokenMasker(Protocol):
     """Per-job token-mask hook used by the reference engine's sampler."""
 
-    def allowed(self) -> Sequence[int] | None:
-        """Allowed token ids for the next position, or None for no restriction."""
+    def allowed(self) -> Sequence[int] | Tensor | None:
+        """Allowed token ids for the next position, or None for no restriction.
+
+        A bool tensor (True = allowed, at least as long as the logits row) is the fast
+        form for large vocabularies.
+        """
 
     def consume(self, token_id: int) -> None:
         """Advance the constraint by the sampled token."""
