@@ -99,6 +99,13 @@ def export_config_command(args: list[str]) -> int:
     return 0
 
 
+def _download(args: list[str]) -> int:
+    # Imported here: huggingface_hub is slow to import and only this command needs it.
+    from tabby.download import download_command
+
+    return download_command(args)
+
+
 def _export_openapi(args: list[str]) -> int:
     # Imported here: building the app pulls in quart and every route module.
     from tabby.http.openapi import export_openapi_command
@@ -106,20 +113,12 @@ def _export_openapi(args: list[str]) -> int:
     return export_openapi_command(args)
 
 
-def _not_built(name: str) -> Command:
-    def command(_args: list[str]) -> int:
-        print(f"tabby {name}: not available in this build yet", file=sys.stderr)
-        return 1
-
-    return command
-
-
 # name -> (help, function); a new subcommand is one more line here.
 COMMANDS: dict[str, tuple[str, Command]] = {
     "serve": ("start the server (the default)", serve_command),
     "keys": ("show the API keys, add one, or rotate the admin key", keys_command),
     "export-config": ("print the commented default tabby.toml", export_config_command),
-    "download": ("download a model from the Hugging Face hub", _not_built("download")),
+    "download": ("download a model from the Hugging Face hub", _download),
     "export-openapi": ("write the OpenAPI schema", _export_openapi),
 }
 

@@ -27,6 +27,7 @@ import quart
 import trio
 
 from tabby.config import NetworkConfig, TabbyConfig
+from tabby.config.schema import EmbeddingsConfig, ModelConfigSection, SamplingConfig
 from tabby.keys import read_key_file
 from tabby.server import ServerInfo, serve
 
@@ -57,7 +58,14 @@ StartServer = Callable[..., Awaitable[LiveServer]]
 def make_config(base_dir: Path, **network: Any) -> TabbyConfig:
     """Defaults, with ``[network]`` overrides, on 127.0.0.1:0, files under ``base_dir``."""
     net = {"host": "127.0.0.1", "port": 0, "shutdown_grace": 1.0, **network}
-    return TabbyConfig(network=NetworkConfig(**net), base_dir=base_dir)
+    # No startup model, embedding model or preset: tests that need one configure it.
+    return TabbyConfig(
+        network=NetworkConfig(**net),
+        model=ModelConfigSection(model_name=""),
+        embeddings=EmbeddingsConfig(embedding_model_name=None),
+        sampling=SamplingConfig(override_preset=None),
+        base_dir=base_dir,
+    )
 
 
 @pytest.fixture

@@ -88,8 +88,20 @@ async def running(args: Sequence[str], cwd: Path) -> AsyncIterator[Server]:
             await process.wait()
 
 
+# No startup model (loading one takes seconds) and no sampler preset (none in tmp_path).
+NO_MODEL = (
+    "--model.model_name",
+    "",
+    "--embeddings.embedding_model_name",
+    "",
+    "--sampling.override_preset",
+    "",
+)
+
+
 async def test_serve_prints_keys_answers_and_exits_on_sigterm(tmp_path: Path) -> None:
     args = ["-m", "tabby", "serve", "--port", "0", "--network.api_tokens_file", "keys.toml"]
+    args += NO_MODEL
     async with running(args, tmp_path) as server:
         url = (await server.wait_for(r"listening on (http://127\.0\.0\.1:\d+)"))[1]
         admin_key = (await server.wait_for(r"admin key: ([0-9a-f]{32})"))[1]
@@ -121,6 +133,7 @@ async def test_sigterm_with_a_request_in_flight(tmp_path: Path, grace: float, ou
         "keys.toml",
         "--network.shutdown_grace",
         str(grace),
+        *NO_MODEL,
     ]
     async with running(args, tmp_path) as server:
         url = (await server.wait_for(r"listening on (http://127\.0\.0\.1:\d+)"))[1]
@@ -152,7 +165,7 @@ async def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         completed = await trio.run_process(
-            [sys.executable, "-m", "tabby", "serve", "--port", str(port), "--disable-auth"],
+            [sys.executable, "-m", "tabby", "serve", "--port", str(port), "--disable-auth", *NO_MODEL],
             cwd=tmp_path,
             env=clean_env(),
             capture_stdout=True,

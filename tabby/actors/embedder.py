@@ -1,0 +1,334 @@
+"""Embedder: the one owner of the embedding engine and its model.
+
+An ``Embed`` is answered at once with the engine's future (or a refusal); the caller waits
+for that future itself through :func:`tabby.backends.infinity.await_future`, so the actor
+never waits on embedding work, concurrent requests reach the engine together (it batches
+them), and a caller that is cancelled cancels its own work. Loads and unloads run in a
+worker thread; messages sent meanwhile wait in the inbox, in order.
+Nothing here touches the generation scheduler.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from tabby.backends.infinity import (
+    INSTALL_HINT,
+    Embeddings,
+    InfinityEngine,
+    await_future,
+    infinity_missing,
+    list_embedding_models,
+    resolve_embedding_model,
+    to_embeddings,
+)
+from tabby.errors import NotImplementedFeature, ServiceUnavailable, TabbyError
+
+if TYPE_CHECKING:
+    from tabby.config import TabbyConfig
+
+__all__ = [
+    "Embed",
+    "EmbedAccepted",
+    "Embedder",
+    "EmbedderHandle",
+    "EmbedderStatistics",
+    "EmbeddingModelLoaded",
+    "GetEmbedderStatus",
+    "ListEmbeddingModels",
+    "LoadEmbeddingModel",
+    "Refused",
+    "UnloadEmbeddingModel",
+    "embedder_from_config",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Requests wait here while a model loads; beyond this, callers queue on send().
+INBOX_BUFFER = 64
+EngineFactory = Callable[[str, Path, str], InfinityEngine]
+_Future = concurrent.futures.Future[tuple[list[Any], int]]
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Embed:
+    texts: tuple[str, ...]
+    reply: trio.MemorySendChannel[EmbedAccepted | Refused]
+
+
+@attrs.frozen
+class LoadEmbeddingModel:
+    name: str
+    device: str | None  # None: the configured device
+    reply: trio.MemorySendChannel[EmbeddingModelLoaded | Refused]
+
+
+@attrs.frozen
+class UnloadEmbeddingModel:
+    reply: trio.MemorySendChannel[EmbeddingModelLoaded | Refused]
+
+
+@attrs.frozen
+class GetEmbedderStatus:
+    reply: trio.MemorySendChannel[EmbedderStatistics]
+
+
+@attrs.frozen
+class ListEmbeddingModels:
+    reply: trio.MemorySendChannel[tuple[str, ...] | Refused]
+
+
+EmbedderMessage = (
+    Embed | LoadEmbeddingModel | UnloadEmbeddingModel | GetEmbedderStatus | ListEmbeddingModels
+)
+
+
+# -- replies ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EmbedAccepted:
+    """The engine took the texts; the vectors arrive through ``future``."""
+
+    model: str
+    future: _Future = attrs.field(eq=False)
+
+
+@attrs.frozen
+class EmbeddingModelLoaded:
+    """Reply to load and unload: the model now serving (None after an unload)."""
+
+    model: str | None
+
+
+@attrs.frozen
+class Refused:
+    error: TabbyError
+
+
+@attrs.frozen
+class EmbedderStatistics:
+    model: str | None
+    device: str
+    available: bool  # infinity-emb can be imported
+    requests: int
+    texts: int
+    loads: int
+
+
+# -- handle -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EmbedderHandle:
+    _inbox: trio.MemorySendChannel[EmbedderMessage]
+
+    async def embed(self, texts: Sequence[str]) -> tuple[str, Embeddings]:
+        """Embed ``texts``; returns the model name and the vectors with token usage."""
+        send, receive = trio.open_memory_channel[EmbedAccepted | Refused](1)
+        accepted = _unwrap(await self._ask(Embed(tuple(texts), send), receive))
+        return accepted.model, to_embeddings(await await_future(accepted.future))
+
+    async def load(self, name: str, device: str | None = None) -> str | None:
+        send, receive = trio.open_memory_channel[EmbeddingModelLoaded | Refused](1)
+        return _unwrap(await self._ask(LoadEmbeddingModel(name, device, send), receive)).model
+
+    async def unload(self) -> None:
+        send, receive = trio.open_memory_channel[EmbeddingModelLoaded | Refused](1)
+        _unwrap(await self._ask(UnloadEmbeddingModel(send), receive))
+
+    async def status(self) -> EmbedderStatistics:
+        send, receive = trio.open_memory_channel[EmbedderStatistics](1)
+        return await self._ask(GetEmbedderStatus(send), receive)
+
+    async def list_models(self) -> tuple[str, ...]:
+        send, receive = trio.open_memory_channel[tuple[str, ...] | Refused](1)
+        return _unwrap(await self._ask(ListEmbeddingModels(send), receive))
+
+    async def _ask(self, message: EmbedderMessage, receive: trio.MemoryReceiveChannel[T]) -> T:
+        async with receive:
+            try:
+                await self._inbox.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ServiceUnavailable("the embedder is not running") from None
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                raise ServiceUnavailable("the embedder is not running") from None
+
+
+def _unwrap(reply: T | Refused) -> T:
+    if isinstance(reply, Refused):
+        raise reply.error
+    return reply
+
+
+# -- actor ------------------------------------------------------------------------------
+
+
+class Embedder:
+    """Loads ``model_name`` (if any), reports ready, then serves its inbox."""
+
+    def __init__(
+        self,
+        *,
+        model_dir: Path,
+        model_name: str | None,
+        device: str = "cpu",
+        engine_factory: EngineFactory = InfinityEngine.load,
+    ) -> None:
+        self._model_dir = model_dir
+        self._startup_model = model_name
+        self._device = device
+        self._factory = engine_factory
+        self._engine: InfinityEngine | None = None
+        # Futures handed out and maybe still running: cancelled when their model goes.
+        self._issued: list[_Future] = []
+        self._requests = self._texts = self._loads = 0
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[EmbedderMessage](
+            INBOX_BUFFER
+        )
+
+    @property
+    def handle(self) -> EmbedderHandle:
+        return EmbedderHandle(self._inbox_send)
+
+    def statistics(self) -> EmbedderStatistics:
+        engine = self._engine
+        return EmbedderStatistics(
+            model=engine.name if engine else None,
+            device=engine.device if engine else self._device,
+            available=not infinity_missing(),
+            requests=self._requests,
+            texts=self._texts,
+            loads=self._loads,
+        )
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[EmbedderHandle] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self._inbox_receive:
+            try:
+                # Loaded before reporting ready: /v1/embeddings works as soon as the server
+                # listens, and the (thread-unsafe) first import of transformers does not
+                # overlap with actors that start after this one.
+                if self._startup_model:
+                    await self._startup_load(self._startup_model)
+                task_status.started(self.handle)
+                async for message in self._inbox_receive:
+                    await self._handle(message)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._drop_engine()
+
+    async def _startup_load(self, name: str) -> None:
+        if infinity_missing():
+            log.info("embeddings disabled: %s", INSTALL_HINT)
+            return
+        try:
+            await self._load(name, self._device)
+        except TabbyError as error:
+            # The rest of the server works without embeddings; the error stays visible
+            # in the log and in the 503s of the embeddings endpoints.
+            log.error("embedding model %r not loaded: %s", name, error.message)
+
+    async def _handle(self, message: EmbedderMessage) -> None:
+        if isinstance(message, Embed):
+            answer = self._embed(message.texts)
+            if not _send(message.reply, answer) and isinstance(answer, EmbedAccepted):
+                answer.future.cancel()  # the asker was cancelled before it got the future
+        elif isinstance(message, LoadEmbeddingModel):
+            try:
+                await self._load(message.name, message.device or self._device)
+                _send(message.reply, EmbeddingModelLoaded(message.name))
+            except TabbyError as error:
+                _send(message.reply, Refused(error))
+        elif isinstance(message, UnloadEmbeddingModel):
+            if self._engine is None:
+                _send(message.reply, Refused(_not_loaded()))
+            else:
+                await self._drop_engine()
+                _send(message.reply, EmbeddingModelLoaded(None))
+        elif isinstance(message, GetEmbedderStatus):
+            _send(message.reply, self.statistics())
+        else:
+            _send(message.reply, self._list())
+
+    def _embed(self, texts: tuple[str, ...]) -> EmbedAccepted | Refused:
+        if self._engine is None:
+            return Refused(_unavailable() if infinity_missing() else _not_loaded())
+        self._issued = [f for f in self._issued if not f.done()]
+        try:
+            future = self._engine.submit(list(texts))
+        except TabbyError as error:
+            return Refused(error)
+        self._issued.append(future)
+        self._requests += 1
+        self._texts += len(texts)
+        return EmbedAccepted(self._engine.name, future)
+
+    def _list(self) -> tuple[str, ...] | Refused:
+        if infinity_missing():
+            return Refused(_unavailable())
+        return list_embedding_models(self._model_dir)
+
+    async def _load(self, name: str, device: str) -> None:
+        if infinity_missing():
+            raise _unavailable()
+        path = resolve_embedding_model(name, self._model_dir)
+        await self._drop_engine()
+        log.info("loading embedding model %s from %s on %s", name, path, device)
+        self._engine = await trio.to_thread.run_sync(self._factory, name, path, device)
+        self._loads += 1
+
+    async def _drop_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        for future in self._issued:
+            future.cancel()
+        self._issued = []
+        if engine is not None:
+            await trio.to_thread.run_sync(engine.close)
+            log.info("embedding model %s unloaded", engine.name)
+
+
+def embedder_from_config(config: TabbyConfig) -> Embedder:
+    """The Embedder for ``config``'s ``[embeddings]`` table."""
+    section = config.embeddings
+    return Embedder(
+        model_dir=config.resolve(section.embedding_model_dir),
+        model_name=section.embedding_model_name,
+        device=section.embeddings_device,
+    )
+
+
+def _send(channel: trio.MemorySendChannel[T], value: T) -> bool:
+    """Send the one reply and close; False when the asker has left."""
+    with channel:
+        try:
+            channel.send_nowait(value)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            log.debug("embedder reply dropped: the asker left")
+            return False
+    return True
+
+
+def _unavailable() -> NotImplementedFeature:
+    return NotImplementedFeature(INSTALL_HINT, code="embeddings_unavailable")
+
+
+def _not_loaded() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "no embedding model is loaded (POST /v1/model/embedding/load)",
+        code="embedding_model_not_loaded",
+    )
