@@ -64,7 +64,10 @@ def list_models(model_dir: Path, *, include_embedded: bool = True) -> list[Model
     if model_dir.is_dir():
         root = model_dir.resolve()
         for child in sorted(model_dir.iterdir()):
-            if not child.resolve().is_relative_to(root) or not _is_model(child):
+            # Hidden entries include downloads still in progress (.tabby-download-*).
+            if child.name.startswith(".") or not child.resolve().is_relative_to(root):
+                continue
+            if not _is_model(child):
                 continue
             entries.append(ModelEntry(child.name, child, "gguf" if child.is_file() else "folder"))
     if include_embedded:
@@ -82,7 +85,9 @@ def list_loras(lora_dir: Path) -> list[str]:
     return sorted(
         child.name
         for child in lora_dir.iterdir()
-        if child.is_dir() and child.resolve().is_relative_to(root)
+        if child.is_dir()
+        and not child.name.startswith(".")
+        and child.resolve().is_relative_to(root)
     )
 
 
