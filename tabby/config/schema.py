@@ -57,7 +57,7 @@ class Unset(enum.Enum):
 UNSET = Unset.UNSET
 
 Backend = Literal["reference", "exllamav2", "exllamav3"]
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "int8", "float32", "bfloat16", "float16"]
 EmbeddingsDevice = Literal["cpu", "auto", "cuda"]
 RopeAlpha = float | Literal["auto"] | None
 
@@ -277,7 +277,10 @@ class ModelConfigSection:
     )
     dtype: Dtype = attrs.field(
         default="auto",
-        metadata=_doc("Weight dtype of the reference engine: auto, float32, bfloat16 or float16."),
+        metadata=_doc(
+            "Weights of the reference engine: auto (int8 weights + bf16 activations on AVX-512"
+            " CPUs, bf16 on CUDA, else float32), int8, float32, bfloat16 or float16."
+        ),
     )
     threads: int = _int_field(0, "CPU threads for the reference engine; 0 = automatic.", 0)
     device: str = attrs.field(

@@ -1,0 +1,405 @@
+"""The Llama-family transformer as small pure functions over a paged KV cache.
+
+One forward pass takes a flat batch of tokens from several sequences at once: the
+single decode token of every running sequence plus prefill chunks of others. The
+matrix multiplications run over the whole flat batch; attention runs per group
+(all decode rows together, each prefill chunk on its own) against the pages that
+hold each sequence's keys and values. Logits are computed only for the rows that
+are sampled.
+
+Weights arrive under Hugging Face ``LlamaForCausalLM`` names in rotate-half RoPE
+layout and are fused here: q/k/v into one matrix, gate/up into another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, MutableMapping
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tabby.engine.config import ModelConfig, RopeScaling
+
+__all__ = [
+    "INT8_KERNEL_MAX_ROWS",
+    "AttentionGroup",
+    "ForwardBatch",
+    "LayerWeights",
+    "Linear",
+    "ModelWeights",
+    "build_weights",
+    "forward",
+    "linear",
+    "make_linear",
+    "rms_norm",
+    "rope_tables",
+]
+
+# Up to this many rows the int8 matrix-vector kernel beats dequantizing the weight and
+# running a float matmul (measured on AVX-512 bf16: ~2x at 1 row, even at ~48).
+INT8_KERNEL_MAX_ROWS = 32
+
+
+@attrs.frozen
+class Linear:
+    """A weight matrix [out, in]: floats, or int8 rows with one scale per row."""
+
+    weight: Tensor | None  # [out, in] compute dtype; None when quantized
+    q8: Tensor | None = None  # [out, in] int8
+    scale: Tensor | None = None  # [out] compute dtype
+    bias: Tensor | None = None  # [out]
+
+    @property
+    def out_features(self) -> int:
+        w = self.weight if self.weight is not None else self.q8
+        assert w is not None
+        return int(w.shape[0])
+
+
+def make_linear(
+    w: Tensor,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    int8: bool = False,
+    bias: Tensor | None = None,
+) -> Linear:
+    b = None if bias is None else bias.to(device=device, dtype=dtype)
+    if not int8:
+        return Linear(w.to(device=device, dtype=dtype).contiguous(), bias=b)
+    wf = w.to(device=device, dtype=torch.float32)
+    # Round the scale to the compute dtype first so the int8 values are chosen
+    # against the scale the kernel will actually use.
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(dtype)  # [out]
+    q8 = (wf / scale.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return Linear(None, q8.contiguous(), scale.contiguous(), b)
+
+
+def linear(x: Tensor, lin: Linear) -> Tensor:
+    """x [T, in] -> [T, out]."""
+    if lin.weight is not None:
+        return F.linear(x, lin.weight, lin.bias)
+    assert lin.q8 is not None
+    assert lin.scale is not None
+    if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        y = torch._weight_int8pack_mm(x.contiguous(), lin.q8, lin.scale)
+    else:
+        y = F.linear(x, lin.q8.to(x.dtype) * lin.scale.unsqueeze(1))
+    return y if lin.bias is None else y + lin.bias
+
+
+@attrs.frozen
+class LayerWeights:
+    attn_norm: Tensor  # [hidden]
+    wqkv: Linear  # [(H + 2*KV) * D, hidden], q/k/v bias for Qwen2
+    wo: Linear  # [hidden, H * D]
+    mlp_norm: Tensor  # [hidden]
+    w_gate_up: Linear  # [2 * I, hidden]
+    w_down: Linear  # [hidden, I]
+
+
+@attrs.frozen
+class ModelWeights:
+    config: ModelConfig
+    embed: Tensor  # [V, hidden]
+    layers: tuple[LayerWeights, ...]
+    norm: Tensor  # [hidden]
+    lm_head: Linear  # [V, hidden]; the embedding's values when tied
+    cos: Tensor  # [max_pos, D]
+    sin: Tensor  # [max_pos, D], sign of rotate-half folded in: [-sin, +sin]
+
+
+@attrs.frozen
+class AttentionGroup:
+    """Rows of the flat batch that attend together.
+
+    ``rows`` is a contiguous range [start, start + n_seq * q_len) of the flat batch.
+    Decode groups have ``q_len == 1`` and several sequences; a prefill group is one
+    sequence with ``q_len`` tokens. ``gather`` holds the cache slots of each
+    sequence's keys, padded; ``mask`` marks which of them each query may see
+    (None = plain causal attention over the group's own fresh keys).
+    """
+
+    start: int
+    n_seq: int
+    q_len: int
+    gather: Tensor | None  # [n_seq, L] cache slot per key position
+    # decode: [n_seq, 1, L] fp32 additive (0 or -inf);
+    # prefill: [1, 1, q_len, L] bool, True = attend
+    mask: Tensor | None
+    # Decode only, filled in by ``forward``: row of the cache viewed as [slots*KV, D]
+    # for each (sequence, kv head, position), so one gather yields [n*KV, L, D].
+    head_gather: Tensor | None = None
+
+
+@attrs.frozen
+class ForwardBatch:
+    tokens: Tensor  # [T] token ids
+    positions: Tensor  # [T] absolute positions
+    write_slots: Tensor  # [T] cache slot each token's k/v goes to
+    groups: tuple[AttentionGroup, ...]
+    logit_rows: Tensor  # [R] rows of the flat batch whose logits are wanted
+
+
+def _take(weights: Mapping[str, Tensor], consume: bool) -> Callable[[str], Tensor]:
+    def take(name: str) -> Tensor:
+        try:
+            t = weights[name]
+        except KeyError:
+            raise KeyError(f"checkpoint is missing tensor {name!r}") from None
+        if consume and isinstance(weights, MutableMapping):
+            # Each source tensor goes as soon as it is converted: about half the peak memory.
+            del weights[name]
+        return t
+
+    return take
+
+
+def build_weights(
+    config: ModelConfig,
+    weights: Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    int8: bool = False,
+    consume: bool = False,
+    on_layer: Callable[[int], None] | None = None,
+) -> ModelWeights:
+    """Fuse and convert HF-named tensors into the engine's layout.
+
+    ``consume``: remove each tensor from ``weights`` (a dict) once converted.
+
+    ``int8``: hold every matrix as weight-only int8 (per-row scales); activations
+    stay in ``dtype``.
+    """
+
+    _w = _take(weights, consume)
+
+    def cvt(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    def lin(t: Tensor, bias: Tensor | None = None) -> Linear:
+        return make_linear(t, dtype=dtype, device=device, int8=int8, bias=bias)
+
+    # The attention scale is folded into the query rows (exact for power-of-two head
+    # sizes, and one multiply fewer per layer at run time).
+    scale = config.head_dim**-0.5
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        qkv = [_w(p + f"self_attn.{n}_proj.weight").float() for n in ("q", "k", "v")]
+        wqkv = torch.cat([qkv[0] * scale, qkv[1], qkv[2]], dim=0)
+        bqkv = None
+        if config.attention_bias:
+            b = [_w(p + f"self_attn.{n}_proj.bias").float() for n in ("q", "k", "v")]
+            bqkv = torch.cat([b[0] * scale, b[1], b[2]])
+        gate_up = torch.cat(
+            [_w(p + "mlp.gate_proj.weight"), _w(p + "mlp.up_proj.weight")], dim=0
+        )
+        layers.append(
+            LayerWeights(
+                attn_norm=cvt(_w(p + "input_layernorm.weight")),
+                wqkv=lin(wqkv, bqkv),
+                wo=lin(_w(p + "self_attn.o_proj.weight")),
+                mlp_norm=cvt(_w(p + "post_attention_layernorm.weight")),
+                w_gate_up=lin(gate_up),
+                w_down=lin(_w(p + "mlp.down_proj.weight")),
+            )
+        )
+        if on_layer is not None:
+            on_layer(i)
+    raw_embed = _w("model.embed_tokens.weight")
+    embed = cvt(raw_embed)
+    if config.tie_word_embeddings or "lm_head.weight" not in weights:
+        lm_head = lin(raw_embed) if int8 else Linear(embed)
+    else:
+        lm_head = lin(_w("lm_head.weight"))
+    del raw_embed
+    cos, sin = rope_tables(config, max_positions, device=device)
+    return ModelWeights(
+        config=config,
+        embed=embed,
+        layers=tuple(layers),
+        norm=cvt(_w("model.norm.weight")),
+        lm_head=lm_head,
+        cos=cos.to(dtype),
+        sin=sin.to(dtype),
+    )
+
+
+def _inv_freq(config: ModelConfig) -> Tensor:
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs: RopeScaling = config.rope_scaling
+    if rs.kind == "linear":
+        return inv / rs.factor
+    if rs.kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between
+        # blended smoothly (the Llama 3.1 recipe).
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rope_tables(
+    config: ModelConfig, max_positions: int, *, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sign-folded sin tables, fp32, each [max_positions, D]."""
+    inv = _inv_freq(config)  # [D/2]
+    t = torch.arange(max_positions, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv)  # [P, D/2]
+    cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)  # [P, D]
+    sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)  # [P, D]
+    return cos.to(device), sin.to(device)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in fp32 whatever the activation dtype, as the reference models do.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D]. roll by D/2 swaps the halves, and the
+    # sign folded into `sin` turns that into rotate_half.
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def _gather(cache: Tensor, g: AttentionGroup) -> Tensor:
+    """Keys or values of the group's sequences from their pages: [n, L, KV, D]."""
+    assert g.gather is not None
+    flat = g.gather.reshape(-1)  # [n * L]
+    return cache.index_select(0, flat).view(g.n_seq, g.gather.shape[1], *cache.shape[1:])
+
+
+def _attend_decode(q: Tensor, kc: Tensor, vc: Tensor, g: AttentionGroup) -> Tensor:
+    """One query per sequence. q: [n, H, D] -> [n, H, D].
+
+    Batched matmuls over (sequence, kv head) with the query heads that share a kv
+    head stacked, in fp32: on CPU these small products run several times faster
+    than SDPA's masked path or bf16 matmuls.
+    """
+    assert g.head_gather is not None
+    n, h, d = q.shape
+    kvh = kc.shape[1]
+    length = g.head_gather.numel() // (n * kvh)
+    f32 = torch.float32
+    kb = kc.view(-1, d).index_select(0, g.head_gather).view(n * kvh, length, d).to(f32)
+    vb = vc.view(-1, d).index_select(0, g.head_gather).view(n * kvh, length, d).to(f32)
+    qb = q.to(f32).reshape(n * kvh, h // kvh, d)  # [n*KV, G, D]
+    scores = torch.bmm(qb, kb.transpose(1, 2)).view(n, h, length)  # [n, H, L]
+    if g.mask is not None:
+        scores.add_(g.mask)  # [n, 1, L] additive
+    probs = torch.softmax(scores, dim=-1)  # [n, H, L]
+    out = torch.bmm(probs.view(n * kvh, h // kvh, length), vb)  # [n*KV, G, D]
+    return out.view(n, h, d).to(q.dtype)
+
+
+def _attend_prefill(
+    q: Tensor, k_new: Tensor, v_new: Tensor, kc: Tensor, vc: Tensor, g: AttentionGroup
+) -> Tensor:
+    """One sequence's chunk. q: [q_len, H, D] -> [q_len, H, D]."""
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    if g.gather is None:
+        # No earlier context: the chunk's own keys, causal (SDPA's flash path).
+        kh = k_new.transpose(0, 1).unsqueeze(0)  # [1, KV, q_len, D]
+        vh = v_new.transpose(0, 1).unsqueeze(0)  # [1, KV, q_len, D]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=1.0, enable_gqa=True
+        )
+    else:
+        kh = _gather(kc, g)[0].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+        vh = _gather(vc, g)[0].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=g.mask, scale=1.0, enable_gqa=True
+        )
+    return out[0].transpose(0, 1)  # [q_len, H, D]
+
+
+def _attend(
+    q: Tensor, k_new: Tensor, v_new: Tensor, kc: Tensor, vc: Tensor, g: AttentionGroup
+) -> Tensor:
+    """Attention of one group. q: [n*q_len, H, D]; kc/vc: [slots, KV, D] -> [n*q_len, H, D]."""
+    if g.q_len == 1:
+        return _attend_decode(q, kc, vc, g)
+    return _attend_prefill(q, k_new, v_new, kc, vc, g)
+
+
+def _layer(
+    x: Tensor,
+    lw: LayerWeights,
+    cfg: ModelConfig,
+    batch: ForwardBatch,
+    groups: tuple[AttentionGroup, ...],
+    rope: tuple[Tensor, Tensor],
+    kc: Tensor,
+    vc: Tensor,
+) -> Tensor:
+    t = x.shape[0]
+    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hn = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+    qkv = linear(hn, lw.wqkv)  # [T, (H + 2KV) * D]
+    qk = _rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), *rope)  # [T, H+KV, D]
+    q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, KV, D]
+    v = qkv[:, (h + kvh) * d :].view(t, kvh, d)  # [T, KV, D]
+    kc.index_copy_(0, batch.write_slots, k)
+    vc.index_copy_(0, batch.write_slots, v)
+    if len(groups) == 1:
+        attn = _attend(q, k, v, kc, vc, groups[0])
+    else:
+        attn = torch.cat(
+            [
+                _attend(
+                    q[g.start : g.start + g.n_seq * g.q_len],
+                    k[g.start : g.start + g.n_seq * g.q_len],
+                    v[g.start : g.start + g.n_seq * g.q_len],
+                    kc,
+                    vc,
+                    g,
+                )
+                for g in groups
+            ]
+        )
+    x = x + linear(attn.reshape(t, h * d), lw.wo)
+    hn = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+    gate, up = linear(hn, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
+    return x + linear(F.silu(gate) * up, lw.w_down)
+
+
+def _with_head_gather(g: AttentionGroup, kv_heads: int) -> AttentionGroup:
+    if g.q_len != 1 or g.gather is None:
+        return g
+    heads = torch.arange(kv_heads, device=g.gather.device).view(1, kv_heads, 1)  # [1, KV, 1]
+    rows = g.gather.unsqueeze(1) * kv_heads + heads  # [n, KV, L]
+    return attrs.evolve(g, head_gather=rows.reshape(-1))
+
+
+def forward(w: ModelWeights, batch: ForwardBatch, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """Run the flat batch; returns fp32 logits [R, V] for ``batch.logit_rows``.
+
+    ``k_cache``/``v_cache``: [layers, slots, KV, D]; this pass writes the new keys
+    and values of every token in the batch into their slots.
+    """
+    cfg = w.config
+    x = F.embedding(batch.tokens, w.embed)  # [T, hidden]
+    cos = w.cos.index_select(0, batch.positions).unsqueeze(1)  # [T, 1, D]
+    sin = w.sin.index_select(0, batch.positions).unsqueeze(1)  # [T, 1, D]
+    groups = tuple(_with_head_gather(g, cfg.num_kv_heads) for g in batch.groups)
+    for i, lw in enumerate(w.layers):
+        x = _layer(x, lw, cfg, batch, groups, (cos, sin), k_cache[i], v_cache[i])
+    x = x.index_select(0, batch.logit_rows)  # [R, hidden]
+    x = rms_norm(x, w.norm, cfg.rms_norm_eps)
+    return linear(x, w.lm_head).float()  # [R, V]
