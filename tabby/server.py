@@ -22,7 +22,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from tabby.actors.auth import AuthStore
+from tabby.actors.downloader import downloader_from_config
+from tabby.actors.embedder import embedder_from_config
 from tabby.actors.health import HealthMonitor
+from tabby.actors.models import ModelManager
+from tabby.actors.scheduler import GenerationScheduler
+from tabby.backends.registry import BackendRegistry
 from tabby.config import TabbyConfig
 from tabby.http.app import create_app
 from tabby.keys import KeyFile, KeyFileError
@@ -144,15 +149,19 @@ async def serve(
     handle_signals: bool = False,
     quiet: bool = False,
     extra_blueprints: Sequence[quart.Blueprint] = (),
+    registry: BackendRegistry | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run tabby until shutdown; reports a :class:`ServerInfo` once listening.
+
+    ``registry`` replaces the generation backends on offer (tests and benchmarks add
+    the scripted backend this way).
 
     Raises :class:`StartupError` when the port cannot be bound and
     :class:`tabby.keys.KeyFileError` when the keys file is unusable.
     """
     try:
-        await _serve(config, handle_signals, quiet, extra_blueprints, task_status)
+        await _serve(config, handle_signals, quiet, extra_blueprints, registry, task_status)
     except BaseExceptionGroup as group:
         # Startup failures surface as themselves, not wrapped by the nurseries.
         for leaf in _leaves(group):
@@ -166,6 +175,7 @@ async def _serve(
     handle_signals: bool,
     quiet: bool,
     extra_blueprints: Sequence[quart.Blueprint],
+    registry: BackendRegistry | None,
     task_status: trio.TaskStatus[ServerInfo],
 ) -> None:
     shutdown = trio.Event()
@@ -181,10 +191,37 @@ async def _serve(
         auth_store = AuthStore(None if config.network.disable_auth else keys_path, health)
         auth = await nursery.start(auth_store.run)
 
-        # The model-serving actors start here, in dependency order, and their handles go
-        # into Services: scheduler, model manager, embedder, downloader.
+        # -- model serving: the scheduler, then the model manager (which loads the
+        # startup model before it reports ready). One limiter: stepping, loading and
+        # closing never overlap on the device.
+        device_limiter = trio.CapacityLimiter(1)
+        # The embedder loads first: transformers' first import is not thread-safe, and
+        # the reference engine's load would otherwise race it.
+        embedder = await nursery.start(embedder_from_config(config).run)
+        downloader = await nursery.start(downloader_from_config(config).run)
+        scheduler = await nursery.start(
+            GenerationScheduler(
+                max_queued=config.network.max_queued_requests,
+                health=health,
+                limiter=device_limiter,
+            ).run
+        )
+        models = await nursery.start(
+            ModelManager(
+                config, scheduler, health=health, registry=registry, limiter=device_limiter
+            ).run
+        )
+        # -- end of model serving.
 
-        services = Services(config=config, auth=auth, health=health)
+        services = Services(
+            config=config,
+            auth=auth,
+            health=health,
+            models=models,
+            scheduler=scheduler,
+            embedder=embedder,
+            downloader=downloader,
+        )
         app = create_app(services, extra_blueprints=extra_blueprints)
         hconfig = _hypercorn_config(config)
 

@@ -315,3 +315,18 @@ def test_load_settings_table_of_a_model_folder() -> None:
         'models/m/tabby_config.toml: max_seq_len: expected an integer >= 1, got "a"',
         "models/m/tabby_config.toml: model_name: unknown key",
     ]
+
+
+def test_shipped_folders_are_found_from_any_directory(tmp_path: Path) -> None:
+    from tabby.config import TabbyConfig
+
+    cfg = TabbyConfig(base_dir=tmp_path)
+    templates = cfg.resolve_shipped(cfg.model.templates_dir)
+    presets = cfg.resolve_shipped(cfg.sampling.overrides_dir)
+    assert (templates / "chatml.jinja").is_file()
+    assert (presets / "safe_defaults.toml").is_file()
+    # An operator's own folder wins over the shipped one.
+    (tmp_path / "templates").mkdir()
+    assert cfg.resolve_shipped("templates") == tmp_path / "templates"
+    # A folder that exists nowhere stays where the operator asked for it.
+    assert cfg.resolve_shipped("nowhere") == tmp_path / "nowhere"

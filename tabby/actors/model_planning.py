@@ -63,8 +63,8 @@ class Planner:
         self._model_dir = config.resolve(config.model.model_dir)
         self._draft_dir = config.resolve(config.draft_model.draft_model_dir)
         self._lora_dir = config.resolve(config.lora.lora_dir)
-        self._templates_dir = config.resolve(config.model.templates_dir)
-        self._presets_dir = config.resolve(config.sampling.overrides_dir)
+        self._templates_dir = config.resolve_shipped(config.model.templates_dir)
+        self._presets_dir = config.resolve_shipped(config.sampling.overrides_dir)
 
     def plan(self, request: ModelLoadRequest, from_config: bool) -> LoadPlan:
         """Check ``request`` and merge its settings.

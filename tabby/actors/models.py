@@ -421,7 +421,7 @@ class ModelManager:
         if preset_name:
             try:
                 preset = await trio.to_thread.run_sync(
-                    load_preset, self._config.resolve(self._config.sampling.overrides_dir),
+                    load_preset, self._config.resolve_shipped(self._config.sampling.overrides_dir),
                     preset_name,
                 )
             except TabbyError as exc:
@@ -534,7 +534,7 @@ class ModelManager:
         if isinstance(message, UnloadPreset):
             self._publish(preset_name=None, preset=None)
         elif message.name:
-            directory = self._config.resolve(self._config.sampling.overrides_dir)
+            directory = self._config.resolve_shipped(self._config.sampling.overrides_dir)
             preset = await trio.to_thread.run_sync(load_preset, directory, message.name)
             self._publish(preset_name=message.name, preset=preset)
         elif message.overrides is not None:

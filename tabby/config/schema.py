@@ -494,6 +494,21 @@ class TabbyConfig:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
+    def resolve_shipped(self, path: str | Path) -> Path:
+        """Like :meth:`resolve`, for folders tabby ships (templates, sampler presets).
+
+        A relative folder missing under :attr:`base_dir` falls back to the one beside
+        the installed package, so ``tabby serve`` works from any directory.
+        """
+        resolved = self.resolve(path)
+        if resolved.exists() or Path(path).expanduser().is_absolute():
+            return resolved
+        shipped = _PROJECT_ROOT / path
+        return shipped if shipped.exists() else resolved
+
+
+# The folder holding the tabby package: the shipped templates/ and sampler_overrides/.
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # The tables of tabby.toml in file order (base_dir and config_file are not keys).
 SECTIONS: tuple[tuple[str, type], ...] = (

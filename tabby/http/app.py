@@ -44,9 +44,18 @@ def _always(_config: TabbyConfig) -> bool:
     return True
 
 
+def _openai(config: TabbyConfig) -> bool:
+    return "OAI" in config.network.api_servers
+
+
 # (module, mounted when): add a family here; its module exposes `blueprint(services)`.
 ROUTE_MODULES: tuple[tuple[str, Callable[[TabbyConfig], bool]], ...] = (
     ("tabby.http.core", _always),
+    ("tabby.http.admin", _always),
+    ("tabby.http.openai", _openai),
+    ("tabby.http.kobold", lambda config: "Kobold" in config.network.api_servers),
+    ("tabby.http.embeddings", _always),
+    ("tabby.http.downloads", _always),
 )
 
 

@@ -1,6 +1,8 @@
 """Server-Sent Events responses with keep-alive pings.
 
-``sse_response(events)`` turns an async iterator into a ``text/event-stream`` response.
+``sse_response(events)`` turns an async iterator into a ``text/event-stream`` response;
+``events`` may also be an async context manager yielding the iterator, entered when the
+body starts and exited after it ends (so the producer can own a nursery).
 Each item becomes one event: a mapping is sent as JSON (``data: {...}``), a string as
 is (``data: [DONE]``), an :class:`SSEEvent` with its event name. A comment line
 (``: ping``) goes out whenever no event was ready for ``network.sse_ping_interval``
@@ -23,7 +25,7 @@ import logging
 import math
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +38,7 @@ from tabby.errors import TabbyError
 from tabby.http.app import current_services
 from tabby.http.errors import error_body
 
-__all__ = ["SSEEvent", "SSEItem", "encode_event", "sse_response"]
+__all__ = ["SSEEvent", "SSEEvents", "SSEItem", "encode_event", "sse_response"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class SSEEvent:
 
 
 SSEItem = str | Mapping[str, Any] | SSEEvent
+# The events, or an async context manager that yields them and is exited after the stream.
+SSEEvents = AsyncIterable[SSEItem] | AbstractAsyncContextManager[AsyncIterable[SSEItem]]
 
 
 def encode_event(item: SSEItem) -> bytes:
@@ -75,7 +79,7 @@ class _SSEBody(ResponseBody):
     """Runs the event iterator in its own task while quart sends what it produces."""
 
     def __init__(
-        self, events: AsyncIterable[SSEItem], ping_interval: float, send_tracebacks: bool
+        self, events: SSEEvents, ping_interval: float, send_tracebacks: bool
     ) -> None:
         self._events = events
         self._ping_interval = ping_interval if ping_interval > 0 else math.inf
@@ -86,6 +90,10 @@ class _SSEBody(ResponseBody):
         self._done = False
 
     async def __aenter__(self) -> _SSEBody:
+        if isinstance(self._events, AbstractAsyncContextManager):
+            # Entered here, in the sending task, so the producer may own a nursery
+            # (e.g. one task per merged job stream) without a cancel scope over a yield.
+            self._events = await self._stack.enter_async_context(self._events)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._stack.callback(nursery.cancel_scope.cancel)
         nursery.start_soon(self._pump)
@@ -123,6 +131,7 @@ class _SSEBody(ResponseBody):
 
     async def _pump(self) -> None:
         events = self._events
+        assert not isinstance(events, AbstractAsyncContextManager)  # entered in __aenter__
         async with self._item_send:
             try:
                 async for item in events:
@@ -149,7 +158,7 @@ class _SSEBody(ResponseBody):
 
 
 def sse_response(
-    events: AsyncIterable[SSEItem],
+    events: SSEEvents,
     *,
     status: int = 200,
     ping_interval: float | None = None,

@@ -1,0 +1,256 @@
+"""Server benchmark: concurrent streaming clients against tabby over HTTP.
+
+    python bench/server.py [--backend reference|scripted] [--clients 1,8,32]
+                           [--new-tokens 64] [--url http://host:port] [--engine-check]
+
+Starts ``tabby serve`` in a child process (the default model on the reference engine,
+or the zero-cost scripted backend, a benchmark fixture that "generates" instantly, to
+measure the server's own ceiling), then for each client count opens that many
+concurrent ``/v1/completions`` streams (greedy, exactly ``--new-tokens`` tokens each) and
+reports time to first token p50/p99, inter-token latency p50/p99, aggregate streamed
+tokens/s over the whole run, and the decode-phase aggregate (tokens streamed once every
+client has its first token, over that time), which is what ``bench/engine.py``
+measures for the engine alone. ``--engine-check`` then measures the engine's own
+aggregate at batch 8 in this process and prints the ratio (requirement: ≥ 0.95).
+``--url`` benchmarks a server that is already running instead. With ``--repeats`` the
+best run of each client count is kept (as in bench/engine.py: other work on a shared
+machine only ever makes a run slower).
+
+The clients parse SSE by hand (no openai client) so that the load generator costs as
+little CPU as possible; it still shares the machine with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders "
+    "from the north exchanged furs, salt and iron tools for grain and wine. "
+)
+
+SERVE = """
+import sys, trio
+from pathlib import Path
+from tabby.backends.registry import BackendEntry, default_registry
+from tabby.backends.scripted import ScriptedBackend
+from tabby.config import NetworkConfig, TabbyConfig
+from tabby.config.schema import ModelConfigSection, SamplingConfig
+from tabby.server import serve
+
+backend, repo, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+registry = None
+if backend == "scripted":
+    def load(spec, progress):
+        return ScriptedBackend(name=spec.name, path=str(spec.path), max_batch_size=64,
+                               script="tok " * 4096, cache_pages=1 << 16)
+    registry = default_registry().with_entry(BackendEntry("reference", load))
+config = TabbyConfig(
+    network=NetworkConfig(host="127.0.0.1", port=0, disable_auth=True,
+                          max_queued_requests=1024),
+    model=ModelConfigSection(max_batch_size=32, threads=threads),
+    sampling=SamplingConfig(override_preset=None),
+    base_dir=repo,
+)
+trio.run(lambda: serve(config, handle_signals=True, registry=registry))
+"""
+
+
+@attrs.define
+class StreamTiming:
+    start: float
+    first: float | None = None
+    arrivals: list[float] = attrs.Factory(list)
+    tokens: int = 0  # from the usage chunk
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_stream(http: httpx.AsyncClient, salt: int, new_tokens: int) -> StreamTiming:
+    body = {
+        "prompt": f"{salt}. {TEXT}",
+        "max_tokens": new_tokens,
+        "min_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    timing = StreamTiming(time.perf_counter())
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            # Cheap checks first: the client shares the machine with the server.
+            if not line.startswith("data: {"):
+                continue
+            now = time.perf_counter()
+            if '"usage"' in line:
+                timing.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif '"text": ""' not in line:
+                timing.first = timing.first or now
+                timing.arrivals.append(now)
+    return timing
+
+
+async def run_load(url: str, clients: int, new_tokens: int, salt: int) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    timings: list[StreamTiming] = []
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def client(i: int) -> None:
+            timings.append(await one_stream(http, salt * 1000 + i, new_tokens))
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(clients):
+                nursery.start_soon(client, i)
+        wall = time.perf_counter() - t0
+    ttft = [t.first - t.start for t in timings if t.first is not None]
+    itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
+    total = sum(t.tokens for t in timings)
+    # Decode phase: from the moment every stream has its first token to the last token.
+    all_started = max(t.first for t in timings if t.first is not None)
+    end = max(t.arrivals[-1] for t in timings if t.arrivals)
+    chunks_after = sum(1 for t in timings for a in t.arrivals if a > all_started)
+    chunks = sum(len(t.arrivals) for t in timings)
+    return {
+        "clients": clients,
+        "ttft_p50_ms": 1000 * pct(ttft, 0.5),
+        "ttft_p99_ms": 1000 * pct(ttft, 0.99),
+        "itl_p50_ms": 1000 * pct(itl, 0.5),
+        "itl_p99_ms": 1000 * pct(itl, 0.99),
+        "tokens": total,
+        "chunks": chunks,
+        "wall_tok_s": total / wall,
+        # Each content chunk is one token unless the client lagged (chunks < tokens).
+        "decode_tok_s": chunks_after / (end - all_started) if end > all_started else float("nan"),
+    }
+
+
+def start_server(backend: str, threads: int) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE, backend, str(REPO), str(threads)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "listening on" in line:
+            return process, line.split("listening on", 1)[1].strip()
+    raise SystemExit("the server did not start")
+
+
+def engine_decode(backend: Any, batch: int, new: int, salt: int) -> float:
+    """The engine alone, as bench/engine.py measures it: aggregate tok/s once every job
+    is decoding (prefill excluded), stepping the backend directly."""
+    from tabby.backends.base import GenerationJob, SamplerSettings
+
+    for b in range(batch):
+        ids = tuple(backend.tokenizer.encode(f"{salt * 100 + b}. {TEXT}"))
+        job = GenerationJob(f"e{salt}-{b}", ids, new, sampler=SamplerSettings(temperature=0.0),
+                            min_new_tokens=new)  # fmt: skip
+        backend.enqueue(job)
+    started: set[str] = set()
+    t0, tokens = 0.0, 0
+    while backend.has_work():
+        results = backend.step()
+        if len(started) == batch:
+            tokens += sum(len(r.token_ids) for r in results)
+        else:
+            started.update(r.job_id for r in results)
+            if len(started) == batch:
+                t0 = time.perf_counter()
+    return tokens / (time.perf_counter() - t0)
+
+
+def engine_batch8(new_tokens: int, threads: int = 0) -> float:
+    from tabby.backends.base import LoadSpec
+    from tabby.backends.reference import load
+    from tabby.engine.embedded import default_model_path
+
+    path = default_model_path()
+    assert path is not None
+    backend = load(LoadSpec(path=path, name="bench", threads=threads), lambda _p: None)
+    try:
+        return max(engine_decode(backend, 8, new_tokens, salt) for salt in (1, 2, 3))
+    finally:
+        backend.close()
+
+
+def show(rows: list[dict[str, Any]], title: str) -> None:
+    print(f"\n{title}")
+    header = "clients  TTFT p50/p99 ms   ITL p50/p99 ms   wall tok/s  decode tok/s  tokens/chunks"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['clients']:>7}  {r['ttft_p50_ms']:7.1f}/{r['ttft_p99_ms']:7.1f}  "
+            f"{r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:6.1f}   {r['wall_tok_s']:10.1f}  "
+            f"{r['decode_tok_s']:12.1f}  {r['tokens']}/{r['chunks']}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("reference", "scripted"), default="reference")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--url", default=None)
+    ap.add_argument("--engine-check", action="store_true")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="engine CPU threads in the server (0 = auto)"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs per client count; the best is kept"
+    )
+    args = ap.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    process = None
+    url = args.url
+    if url is None:
+        process, url = start_server(args.backend, args.threads)
+    rows: list[dict[str, Any]] = []
+    try:
+        trio.run(run_load, url, 1, 4, 0)  # warm-up
+        for salt, clients in enumerate(counts, start=1):
+            runs = [
+                trio.run(run_load, url, clients, args.new_tokens, salt * 10 + r)
+                for r in range(args.repeats)
+            ]
+            rows.append(max(runs, key=lambda row: row["decode_tok_s"]))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+    show(rows, f"{args.backend} backend via HTTP ({args.new_tokens} tokens per stream)")
+    if args.engine_check:
+        engine = engine_batch8(args.new_tokens, args.threads)
+        at8 = next((r for r in rows if r["clients"] == 8), None)
+        print(f"\nengine alone, batch 8 (threads={args.threads}): {engine:.1f} tok/s")
+        if at8 is not None:
+            ratio = at8["decode_tok_s"] / engine
+            print(f"HTTP decode tok/s at 8 clients / engine: {ratio:.3f} (requirement ≥ 0.95)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

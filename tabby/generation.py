@@ -1,0 +1,318 @@
+"""From a validated OpenAI request to the generation jobs that answer it.
+
+The pipeline (DESIGN.md, "Streaming chat completion"), up to the scheduler:
+
+1. :func:`structure_request`: the active sampler preset is applied to the raw body
+   (only there is "omitted" visible), then the body is validated into its request class.
+2. :func:`serving_state_for`: the serving state, after the inline load that the
+   ``model`` field may ask for; 503 when no model is loaded.
+3. :func:`plan_completion` / :func:`plan_chat`: render the chat prompt with the model's
+   template (its metadata stop strings join the request's), tokenize (BOS as the request
+   or the tokenizer says), check that every prompt leaves room to generate
+   (``ContextLengthExceeded`` before anything is queued or streamed), and build one
+   :class:`GenerationJob` per choice: choice index = prompt index × n + choice number.
+
+Running the jobs and merging their streams is :mod:`tabby.generation_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from tabby.actors.auth import Permission
+from tabby.backends.base import ConstraintSpec, GenerationJob, ModelInfo, Tokenizer
+from tabby.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    NoModelLoaded,
+    Unprocessable,
+)
+from tabby.http.body import structure_body
+from tabby.http.schemas.openai import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OpenAIRequest,
+)
+from tabby.model_settings import ServingState
+from tabby.presets import apply_preset
+from tabby.services import Services
+from tabby.templating import build_variables, strip_leading_bos
+
+__all__ = [
+    "GenerationPlan",
+    "PreparedPrompt",
+    "constraint_for",
+    "plan_chat",
+    "plan_completion",
+    "render_chat",
+    "serving_state_for",
+    "structure_request",
+    "tool_calls_enabled",
+]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=OpenAIRequest)
+
+
+@attrs.frozen
+class PreparedPrompt:
+    text: str
+    ids: tuple[int, ...]
+
+
+@attrs.frozen
+class GenerationPlan:
+    """Everything needed to run one request and to describe its answer."""
+
+    request_id: str
+    model_name: str
+    epoch: int
+    tokenizer: Tokenizer = attrs.field(eq=False)
+    prompts: tuple[PreparedPrompt, ...]
+    jobs: tuple[GenerationJob, ...]  # in choice order
+    n: int
+
+    def prompt_index(self, choice: int) -> int:
+        return choice // self.n
+
+
+# -- request and state ------------------------------------------------------------------
+
+
+def structure_request(raw: Any, cls: type[R], state: ServingState) -> R:
+    """``raw`` with the active preset applied, validated as ``cls`` (400 names the field)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_body")
+    return structure_body(apply_preset(raw, state.preset), cls)
+
+
+async def serving_state_for(
+    services: Services, request: OpenAIRequest, permission: Permission
+) -> ServingState:
+    """The state to generate with, after an inline load the ``model`` field asks for."""
+    models = services.models
+    if models is None:
+        raise NoModelLoaded("no model is loaded")
+    state: ServingState = models.serving_state()
+    # Clients always send some model name; it matters only with inline loading on.
+    inline = services.config.model.inline_model_loading
+    if inline and request.model and request.model != state.model_name:
+        state = await models.ensure_model(request.model, permission)
+    if not state.loaded or state.tokenizer is None or state.model is None:
+        raise NoModelLoaded("no model is loaded")
+    return state
+
+
+# -- hook points for structured output and tools -----------------------------------------
+
+
+def constraint_for(request: OpenAIRequest) -> ConstraintSpec | None:
+    """The structured-output constraint of a request.
+
+    HOOK (structured output): the constraint spec is decided here, once per request;
+    ``tabby.constraints`` plugs in here to check or rewrite it before jobs are built.
+    """
+    spec = request.constraint()
+    if spec is not None:
+        return spec
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type in ("json", "json_object"):
+        return ConstraintSpec("json_schema", json.dumps({"type": "object"}))
+    schema = fmt.json_schema
+    if not schema:
+        raise InvalidRequest(
+            'response_format.type "json_schema" needs response_format.json_schema',
+            param="response_format.json_schema",
+        )
+    inner = schema.get("schema")
+    return ConstraintSpec("json_schema", json.dumps(inner if isinstance(inner, dict) else schema))
+
+
+def tool_calls_enabled(request: ChatCompletionRequest) -> bool:
+    """Whether tool-call parsing applies to this request's output.
+
+    HOOK (tools): ``tabby.tools`` decides with the model's ``tool_format``; until it is
+    connected, tool calls stay text in ``content``.
+    """
+    return bool(request.tools) and request.tool_choice != "none"
+
+
+# -- prompts and jobs -------------------------------------------------------------------
+
+
+def _encode(tokenizer: Tokenizer, info: ModelInfo, text: str, add_bos: bool) -> PreparedPrompt:
+    text = strip_leading_bos(text, info.bos_token, add_bos)
+    return PreparedPrompt(text, tuple(tokenizer.encode(text, add_bos=add_bos)))
+
+
+def _build_jobs(
+    request: OpenAIRequest,
+    state: ServingState,
+    request_id: str,
+    prompts: Sequence[PreparedPrompt],
+    *,
+    param: str,
+    extra_stops: Sequence[str] = (),
+) -> tuple[GenerationJob, ...]:
+    total = len(prompts) * request.n
+    if total > MAX_CHOICES:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts × n={request.n} is {total} choices; at most {MAX_CHOICES}",
+            param="n",
+        )
+    constraint = constraint_for(request)
+    jobs: list[GenerationJob] = []
+    for p_idx, prompt in enumerate(prompts):
+        try:
+            base = request.build_job(
+                job_id=request_id,
+                prompt_ids=prompt.ids,
+                max_seq_len=state.max_seq_len,
+                extra_stop_strings=extra_stops,
+            )
+        except ContextLengthExceeded as exc:
+            where = f"{param}[{p_idx}]" if len(prompts) > 1 else param
+            raise ContextLengthExceeded(exc.message, param=where) from None
+        for n_idx in range(request.n):
+            index = p_idx * request.n + n_idx
+            # Each choice gets its own seed, so n choices differ and each is reproducible.
+            seed = None if base.seed is None else (base.seed + index) % 2**64
+            jobs.append(
+                attrs.evolve(base, job_id=f"{request_id}-{index}", seed=seed, constraint=constraint)
+            )
+    return tuple(jobs)
+
+
+def _plan(
+    request: OpenAIRequest,
+    state: ServingState,
+    request_id: str,
+    prompts: tuple[PreparedPrompt, ...],
+    jobs: tuple[GenerationJob, ...],
+) -> GenerationPlan:
+    assert state.tokenizer is not None
+    return GenerationPlan(
+        request_id=request_id,
+        model_name=state.model_name or (state.model.name if state.model else ""),
+        epoch=state.epoch,
+        tokenizer=state.tokenizer,
+        prompts=prompts,
+        jobs=jobs,
+        n=request.n,
+    )
+
+
+def plan_completion(
+    request: CompletionRequest, state: ServingState, request_id: str
+) -> GenerationPlan:
+    info, tokenizer = state.model, state.tokenizer
+    assert info is not None
+    assert tokenizer is not None
+    add_bos = info.add_bos_token if request.add_bos_token is None else request.add_bos_token
+    prompts = tuple(_encode(tokenizer, info, text, add_bos) for text in request.prompts)
+    jobs = _build_jobs(request, state, request_id, prompts, param="prompt")
+    return _plan(request, state, request_id, prompts, jobs)
+
+
+def _message_dict(message: ChatMessage, index: int, vision: bool) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, tuple):
+        for j, part in enumerate(content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type == "image_url" and not vision:
+                raise InvalidRequest(
+                    "image inputs need a model loaded with vision; this one has none",
+                    param=where,
+                    code="vision_not_supported",
+                )
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(
+                    f'content parts of type "{part.type}" are not supported', param=where
+                )
+    data: dict[str, Any] = attrs.asdict(message, recurse=True)
+    if isinstance(content, tuple):
+        data["content"] = [{"type": "text", "text": part.text} for part in content]
+    return data
+
+
+def _final_text(message: ChatMessage) -> str:
+    content = message.content
+    if isinstance(content, tuple):
+        return "\n".join(part.text or "" for part in content)
+    return content or ""
+
+
+def render_chat(request: ChatCompletionRequest, state: ServingState) -> tuple[str, tuple[str, ...]]:
+    """The rendered prompt and the template's stop strings."""
+    info, template = state.model, state.template
+    assert info is not None
+    if template is None:
+        raise Unprocessable(
+            "chat completions need a chat template; the loaded model has none "
+            "(load one with /v1/template/switch)",
+            code="no_chat_template",
+        )
+    continuing = request.continue_final_message
+    if continuing and request.add_generation_prompt:
+        raise Unprocessable(
+            "continue_final_message needs add_generation_prompt: false",
+            param="continue_final_message",
+        )
+    if continuing and not _final_text(request.messages[-1]):
+        raise Unprocessable(
+            "continue_final_message needs a final message with text",
+            param=f"messages[{len(request.messages) - 1}].content",
+        )
+    vision = info.capabilities.vision
+    messages = [_message_dict(m, i, vision) for i, m in enumerate(request.messages)]
+    template_vars = {**request.reasoning_variables(), **request.template_vars}
+    variables = build_variables(
+        messages,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        pad_token=info.pad_token,
+        unk_token=info.unk_token,
+        add_generation_prompt=request.add_generation_prompt,
+        tools=request.tools,
+        functions=request.functions,
+        template_vars=template_vars,
+    )
+    rendered = template.render_with_metadata(variables)
+    text = rendered.text
+    if continuing:
+        # Cut what the template adds after the last message (its end-of-turn marker).
+        final = _final_text(request.messages[-1])
+        at = text.rfind(final)
+        if at >= 0:
+            text = text[: at + len(final)]
+    if request.response_prefix:
+        if request.add_generation_prompt or continuing:
+            text += request.response_prefix
+        else:
+            log.warning("response_prefix ignored: add_generation_prompt is false")
+    meta = rendered.metadata
+    stops = meta.stop_strings + ((meta.tool_start,) if meta.tool_start else ())
+    return text, stops
+
+
+def plan_chat(
+    request: ChatCompletionRequest, state: ServingState, request_id: str
+) -> GenerationPlan:
+    info, tokenizer = state.model, state.tokenizer
+    assert info is not None
+    assert tokenizer is not None
+    text, stops = render_chat(request, state)
+    # Chat requests never choose BOS: the model's tokenizer settings do.
+    prompts = (_encode(tokenizer, info, text, info.add_bos_token),)
+    jobs = _build_jobs(request, state, request_id, prompts, param="messages", extra_stops=stops)
+    return _plan(request, state, request_id, prompts, jobs)

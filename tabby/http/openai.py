@@ -1,0 +1,359 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions`` (auth: api).
+
+Each request: validate (preset first, see ``tabby.generation``), plan the jobs, submit
+them all (errors such as ``context_length_exceeded`` or a full queue are plain HTTP
+errors, before any stream starts), then answer:
+
+* non-streaming: one JSON body with every choice and ``usage`` (always present);
+* streaming: SSE chunks in OpenAI's exact shapes. Chat: per choice a first delta with
+  ``role: "assistant"``, text deltas, a last chunk with ``finish_reason`` (and
+  ``stop_str``); then, with ``stream_options.include_usage``, a usage chunk with
+  ``choices: []``; then ``data: [DONE]``. Completions: ``text_completion`` chunks with
+  ``text``, the same ending. An error during the stream is one SSE error event and the
+  end of the stream (``tabby.http.sse``).
+
+A client that disconnects cancels the handler (non-streaming) or the stream body
+(streaming); either way every job's channel closes and the scheduler cancels the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import attrs
+import quart
+
+from tabby.actors.messages import Finished, TextChunk
+from tabby.errors import GenerationFailed
+from tabby.generation import (
+    GenerationPlan,
+    plan_chat,
+    plan_completion,
+    serving_state_for,
+    structure_request,
+    tool_calls_enabled,
+)
+from tabby.generation_run import ChoiceAccumulator, ChoiceEvent, RunningGeneration, submit_all
+from tabby.http.app import request_id
+from tabby.http.auth import Permission, require
+from tabby.http.body import read_json
+from tabby.http.openapi import Route
+from tabby.http.schemas.openai import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from tabby.http.schemas.openai_responses import (
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    Usage,
+    dump,
+)
+from tabby.http.sse import SSEItem, sse_response
+from tabby.model_settings import ServingState
+from tabby.openai_format import chat_logprobs, completion_logprobs, log_metrics, make_usage
+from tabby.services import Services
+
+__all__ = ["ROUTES", "TextChunkEncoder", "blueprint"]
+
+log = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+
+ROUTES = (
+    Route(
+        "POST", "/v1/completions", request=CompletionRequest, response=CompletionResponse,
+        stream=CompletionChunk, auth="api", tag="OpenAI",
+        doc="Complete a prompt (a list of prompts is a batch, n choices each).\n"
+        "With stream: true, server-sent events of chunks, then data: [DONE].",
+    ),
+    Route(
+        "POST", "/v1/chat/completions", request=ChatCompletionRequest,
+        response=ChatCompletionResponse, stream=ChatChunk, auth="api", tag="OpenAI",
+        doc="Answer a conversation, rendered with the model's chat template.\n"
+        "With stream: true, server-sent events of chunks, then data: [DONE].",
+    ),
+)  # fmt: skip
+
+Events = AsyncIterator[ChoiceEvent]
+
+
+class TextChunkEncoder:
+    """The JSON of a text chunk, pre-rendered around the one field that changes.
+
+    Streams send one chunk per token; rendering the constant parts once per choice
+    keeps the per-token cost to one ``json.dumps`` of the new text.
+    """
+
+    _MARK = "\x00text\x00"
+
+    def __init__(self, render: Callable[[int, str], Any]) -> None:
+        self._render = render  # (choice index, text) -> the chunk object
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            whole = json.dumps(dump(self._render(index, self._MARK)), ensure_ascii=False)
+            head, tail = whole.split(json.dumps(self._MARK))
+            parts = self._parts[index] = (head, tail)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+
+@attrs.frozen
+class _Context:
+    """What one request's answer needs besides the events."""
+
+    plan: GenerationPlan
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    started: float
+    created: int
+
+    def usage_of(self, choices: list[ChoiceAccumulator]) -> Usage:
+        return make_usage(self.plan, choices, time.perf_counter() - self.started)
+
+
+def _finished(acc: ChoiceAccumulator) -> Finished:
+    if acc.finished is None:
+        raise GenerationFailed("a generation job ended without finishing")
+    return acc.finished
+
+
+def _chat_message(request: ChatCompletionRequest, acc: ChoiceAccumulator) -> ChatResponseMessage:
+    """The answer of one choice.
+
+    HOOK (tools, reasoning): ``tabby.tools`` turns tool-tagged text into ``tool_calls``
+    (finish_reason ``tool_calls``) and ``tabby.reasoning`` splits off
+    ``reasoning_content`` here, when ``tool_calls_enabled(request)``.
+    """
+    _ = tool_calls_enabled(request)
+    return ChatResponseMessage(content=acc.text)
+
+
+async def _collect(running: RunningGeneration, count: int) -> list[ChoiceAccumulator]:
+    choices = [ChoiceAccumulator(i) for i in range(count)]
+    async with running as events:
+        async for item in events:
+            choices[item.index].add(item.event)
+    return choices
+
+
+# -- completions ------------------------------------------------------------------------
+
+
+async def _completion_events(ctx: _Context, events: Events) -> AsyncIterator[SSEItem]:
+    plan = ctx.plan
+    rid, model = f"cmpl-{plan.request_id}", plan.model_name
+    choices = [ChoiceAccumulator(i) for i in range(len(plan.jobs))]
+
+    def chunk(choice: CompletionChoice) -> dict[str, Any]:
+        out: dict[str, Any] = dump(CompletionChunk(rid, ctx.created, model, [choice]))
+        return out
+
+    text_chunk = TextChunkEncoder(
+        lambda index, text: CompletionChunk(
+            rid, ctx.created, model, [CompletionChoice(index, text, None)]
+        )
+    )
+
+    async for item in events:
+        acc, event = choices[item.index], item.event
+        offset = acc.length
+        acc.add(event)
+        if isinstance(event, TextChunk):
+            if ctx.logprobs and (event.text or event.logprobs):
+                lp = completion_logprobs(event.logprobs, offset)
+                yield chunk(CompletionChoice(item.index, event.text, None, logprobs=lp))
+            elif event.text:
+                yield text_chunk(item.index, event.text)
+        elif isinstance(event, Finished):
+            yield chunk(
+                CompletionChoice(item.index, "", event.finish_reason, stop_str=event.stop_str)
+            )
+    usage = ctx.usage_of(choices)
+    if ctx.include_usage:
+        yield dump(CompletionChunk(rid, ctx.created, model, [], usage=usage))
+    log_metrics(plan, usage, endpoint="completion")
+    yield DONE
+
+
+def _completion_response(ctx: _Context, choices: list[ChoiceAccumulator]) -> dict[str, Any]:
+    plan = ctx.plan
+    usage = ctx.usage_of(choices)
+    log_metrics(plan, usage, endpoint="completion")
+    out = [
+        CompletionChoice(
+            index=acc.index,
+            text=acc.text,
+            finish_reason=_finished(acc).finish_reason,
+            stop_str=_finished(acc).stop_str,
+            logprobs=completion_logprobs(acc.logprobs) if ctx.logprobs else None,
+        )
+        for acc in choices
+    ]
+    body: dict[str, Any] = dump(
+        CompletionResponse(f"cmpl-{plan.request_id}", ctx.created, plan.model_name, out, usage)
+    )
+    return body
+
+
+# -- chat -------------------------------------------------------------------------------
+
+
+async def _chat_events(
+    ctx: _Context, request: ChatCompletionRequest, events: Events
+) -> AsyncIterator[SSEItem]:
+    plan = ctx.plan
+    rid, model = f"chatcmpl-{plan.request_id}", plan.model_name
+    choices = [ChoiceAccumulator(i) for i in range(len(plan.jobs))]
+
+    def chunk(choice: ChatChunkChoice) -> dict[str, Any]:
+        out: dict[str, Any] = dump(ChatChunk(rid, ctx.created, model, [choice]))
+        return out
+
+    text_chunk = TextChunkEncoder(
+        lambda index, text: ChatChunk(
+            rid, ctx.created, model, [ChatChunkChoice(index, ChatDelta(content=text))]
+        )
+    )
+
+    for acc in choices:
+        yield chunk(ChatChunkChoice(acc.index, ChatDelta(role="assistant", content="")))
+    _ = tool_calls_enabled(request)  # HOOK (tools): the streaming tag parser goes here
+    async for item in events:
+        acc, event = choices[item.index], item.event
+        acc.add(event)
+        if isinstance(event, TextChunk):
+            if ctx.logprobs and (event.text or event.logprobs):
+                lp = chat_logprobs(event.logprobs, plan.tokenizer)
+                yield chunk(ChatChunkChoice(item.index, ChatDelta(content=event.text), logprobs=lp))
+            elif event.text:
+                yield text_chunk(item.index, event.text)
+        elif isinstance(event, Finished):
+            yield chunk(
+                ChatChunkChoice(
+                    item.index, ChatDelta(), event.finish_reason, stop_str=event.stop_str
+                )
+            )
+    usage = ctx.usage_of(choices)
+    if ctx.include_usage:
+        yield dump(ChatChunk(rid, ctx.created, model, [], usage=usage))
+    log_metrics(plan, usage, endpoint="chat")
+    yield DONE
+
+
+def _chat_response(
+    ctx: _Context, request: ChatCompletionRequest, choices: list[ChoiceAccumulator]
+) -> dict[str, Any]:
+    plan = ctx.plan
+    usage = ctx.usage_of(choices)
+    log_metrics(plan, usage, endpoint="chat")
+    out = [
+        ChatChoice(
+            index=acc.index,
+            message=_chat_message(request, acc),
+            finish_reason=_finished(acc).finish_reason,
+            stop_str=_finished(acc).stop_str,
+            logprobs=chat_logprobs(acc.logprobs, plan.tokenizer) if ctx.logprobs else None,
+        )
+        for acc in choices
+    ]
+    body: dict[str, Any] = dump(
+        ChatCompletionResponse(
+            f"chatcmpl-{plan.request_id}", ctx.created, plan.model_name, out, usage
+        )
+    )
+    return body
+
+
+# -- shared -----------------------------------------------------------------------------
+
+
+def _log_request(services: Services, plan: GenerationPlan, request: OpenAIRequest) -> None:
+    logging_config = services.config.logging
+    if logging_config.log_prompt:
+        for i, prompt in enumerate(plan.prompts):
+            log.info("prompt %s[%d]: %s", plan.request_id, i, prompt.text)
+    if logging_config.log_generation_params:
+        job = plan.jobs[0]
+        log.info(
+            "generation %s: max_new_tokens=%d min_new_tokens=%d seed=%s stop=%r sampler=%r",
+            plan.request_id, job.max_new_tokens, job.min_new_tokens, job.seed,
+            job.stop_strings + tuple(str(i) for i in job.stop_token_ids), job.sampler,
+        )  # fmt: skip
+    ignored = request.ineffective_fields()
+    if ignored:
+        log.warning("request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored))
+
+
+def _stream_body(
+    running: RunningGeneration, make: Callable[[Events], AsyncIterator[SSEItem]]
+) -> AbstractAsyncContextManager[AsyncIterator[SSEItem]]:
+    """The SSE body: entered by the response as it starts, so the job streams' nursery
+    lives in the sending task (see ``tabby.http.sse``)."""
+
+    @asynccontextmanager
+    async def body() -> AsyncIterator[AsyncIterator[SSEItem]]:
+        async with running as events:
+            yield make(events)
+
+    return body()
+
+
+def _preset_state(services: Services) -> ServingState:
+    models = services.models
+    return models.serving_state() if models is not None else ServingState()
+
+
+def blueprint(services: Services) -> quart.Blueprint:
+    bp = quart.Blueprint("openai", __name__)
+    config = services.config
+
+    async def start(
+        cls: type[CompletionRequest] | type[ChatCompletionRequest],
+    ) -> tuple[Any, _Context, RunningGeneration]:
+        permission = await require(Permission.API)
+        raw = await read_json()
+        request = structure_request(raw, cls, _preset_state(services))
+        state = await serving_state_for(services, request, permission)
+        if isinstance(request, ChatCompletionRequest):
+            plan = plan_chat(request, state, request_id())
+        else:
+            plan = plan_completion(request, state, request_id())
+        _log_request(services, plan, request)
+        ctx = _Context(
+            plan=plan,
+            stream=request.stream and not config.developer.disable_request_streaming,
+            include_usage=request.include_usage,
+            logprobs=bool(request.logprobs),
+            started=time.perf_counter(),
+            created=int(time.time()),
+        )
+        running = await submit_all(services.scheduler, plan)
+        return request, ctx, running
+
+    @bp.post("/v1/completions")
+    async def completions() -> Any:
+        _request, ctx, running = await start(CompletionRequest)
+        if ctx.stream:
+            return sse_response(_stream_body(running, lambda ev: _completion_events(ctx, ev)))
+        return _completion_response(ctx, await _collect(running, running.jobs))
+
+    @bp.post("/v1/chat/completions")
+    async def chat_completions() -> Any:
+        request, ctx, running = await start(ChatCompletionRequest)
+        if ctx.stream:
+            return sse_response(_stream_body(running, lambda ev: _chat_events(ctx, request, ev)))
+        return _chat_response(ctx, request, await _collect(running, running.jobs))
+
+    return bp
