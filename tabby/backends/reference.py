@@ -9,9 +9,11 @@ Defaults, chosen by measurement on a 2-core AVX-512-bf16 CPU with SmolLM2-135M
   prefill ran at the bf16 rate (~1,100 tok/s against ~410 for fp32). On CUDA bfloat16,
   elsewhere float32. ``"int8"``, ``"bfloat16"``, ``"float16"`` and ``"float32"`` force one;
   tests use float32, where cached decoding is exact.
-* ``threads = 0``: torch's default, one per physical core. Two threads decoded ~35%
-  faster than one on an idle machine, but when other processes compete for the cores a
-  thread count equal to the cores can stall badly; set ``threads = 1`` on shared boxes.
+* ``threads = 0`` (auto): one fewer than torch's default (one per physical core), at
+  least one. Alone, two threads decoded ~35% faster than one on 2 cores, but a server
+  shares the cores with its event loop, HTTP and tokenization, and with every core
+  busy in torch the streams stalled (1-25 tok/s through HTTP at batch 8, against ~315
+  with one thread). Set ``threads`` explicitly to use every core.
 * ``max_seq_len``: the model's own, capped at 8192 to bound CPU memory.
 * ``cache_size``: ``max(max_seq_len, 8192)`` tokens, so several streams of ordinary
   length fit beside one long one. The cache is allocated once, in pages of 16 tokens
@@ -50,6 +52,7 @@ __all__ = [
     "load",
     "resolve_device",
     "resolve_dtype",
+    "resolve_threads",
 ]
 
 MAX_SEQ_LEN_CAP = 8192
@@ -144,12 +147,22 @@ class ReferenceBackend:
         self._gen.close()
 
 
+# Read once at import, before any load changes it.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def resolve_threads(threads: int) -> int:
+    """The torch thread count for a ``threads`` setting (0 = auto, see the module doc)."""
+    if threads > 0:
+        return threads
+    return max(1, _TORCH_DEFAULT_THREADS - 1)
+
+
 def load(spec: LoadSpec, progress: ProgressCallback) -> ReferenceBackend:
     """Load a model folder or GGUF file and build its generator (blocking)."""
     device = resolve_device(spec.device)
     dtype, int8 = resolve_dtype(spec.dtype, device)
-    if spec.threads > 0:
-        torch.set_num_threads(spec.threads)
+    torch.set_num_threads(resolve_threads(spec.threads))
     def on_group(done: int, total: int) -> None:
         progress(LoadProgress("model", done, total))
 

@@ -282,7 +282,9 @@ class ModelConfigSection:
             " CPUs, bf16 on CUDA, else float32), int8, float32, bfloat16 or float16."
         ),
     )
-    threads: int = _int_field(0, "CPU threads for the reference engine; 0 = automatic.", 0)
+    threads: int = _int_field(
+        0, "CPU threads for the reference engine; 0 = one per core, less one for the server.", 0
+    )
     device: str = attrs.field(
         default="auto",
         validator=_device_ok,
