@@ -1,6 +1,6 @@
 """What the exllamav2 and exllamav3 adapters share; pure Python, never imports exllama.
 
-Four concerns, kept together because both adapters need each of them and none is big
+Five concerns, kept together because both adapters need each of them and none is big
 enough for a module of its own:
 
 * load-time rules: cache modes, cache/context sizing in pages of 256, RoPE alpha,
@@ -9,7 +9,8 @@ enough for a module of its own:
 * pre-enqueue rules: prompt and output within the context and the cache, stop
   conditions (EOS ids always in), samplers a library lacks;
 * translation of the libraries' result dicts (same shape in both) into ``JobResult``;
-* a ``Tokenizer`` adapter over a library tokenizer.
+* a ``Tokenizer`` adapter over a library tokenizer;
+* :class:`LibraryBackend`, the job bookkeeping of both ``Backend`` implementations.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "check_runtime",
     "chunk_size_for",
     "clean_strings",
+    "common_job_kwargs",
     "import_library",
     "job_limits",
     "parse_cache_mode_v2",
@@ -344,6 +346,35 @@ def stop_conditions(job: GenerationJob, eos_ids: Iterable[int]) -> list[int | st
     return ids + list(clean_strings(job.stop_strings))
 
 
+def common_job_kwargs(
+    job: GenerationJob,
+    *,
+    limits: JobLimits,
+    eos_ids: Sequence[int],
+    filters: Sequence[object],
+    embeddings: Sequence[object],
+) -> dict[str, Any]:
+    """The library job arguments both libraries take alike (the rest are each adapter's)."""
+    import torch
+
+    return {
+        "input_ids": torch.tensor([job.prompt_ids], dtype=torch.long),
+        "max_new_tokens": limits.max_new_tokens,
+        "min_new_tokens": job.min_new_tokens,
+        "max_skips": 4,
+        "seed": job.seed,
+        "stop_conditions": stop_conditions(job, eos_ids),
+        "decode_special_tokens": True,
+        "return_top_tokens": job.top_logprobs if job.logprobs else 0,
+        "return_logits": False,
+        "return_probs": job.logprobs,
+        "filters": list(filters),
+        "token_healing": False,
+        "identifier": job.job_id,
+        "embeddings": list(embeddings),
+    }
+
+
 _NEUTRAL = SamplerSettings()
 
 # Settings fields a library may lack, each with its "off" test.
@@ -595,3 +626,6 @@ def read_tokenizer_facts(model_dir: Path) -> TokenizerFacts:
 def chunk_size_for(requested: int) -> int:
     """Prefill chunk: a whole number of pages, at least one (the libraries assert it)."""
     return max(PAGE_SIZE, round_up_to_page(requested))
+
+
+# -- the job bookkeeping of both backends ---------------------------------------------------

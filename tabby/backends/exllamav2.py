@@ -12,7 +12,6 @@ One module, as the library's job, sampler, filter and loader form one adapter.
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -25,11 +24,9 @@ import llguidance.numpy as llnp
 import numpy as np
 
 from tabby.backends.base import (
-    BackendStats,
     Capabilities,
     ConstraintSpec,
     GenerationJob,
-    JobResult,
     LoadProgress,
     LoadSpec,
     LoraSpec,
@@ -37,8 +34,8 @@ from tabby.backends.base import (
     ProgressCallback,
     SamplerSettings,
 )
+from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
-    PAGE_SIZE,
     JobLimits,
     LibraryName,
     LibraryTokenizer,
@@ -46,18 +43,15 @@ from tabby.backends.exllama_common import (
     check_runtime,
     chunk_size_for,
     clean_strings,
+    common_job_kwargs,
     import_library,
-    job_limits,
     parse_cache_mode_v2,
     placement,
     read_tokenizer_facts,
     rope_alpha_auto,
     size_context,
-    stop_conditions,
-    translate_results,
-    unsupported_samplers,
 )
-from tabby.errors import Conflict, ConstraintError, ContextLengthExceeded, NotSupported
+from tabby.errors import Conflict, ConstraintError, NotSupported
 
 __all__ = [
     "SUPPORTED_SAMPLERS",
@@ -190,26 +184,13 @@ def job_kwargs(
             "the exllamav2 backend cannot combine banned strings with a constraint",
             param="banned_strings",
         )
-    import torch
-
     return {
-        "input_ids": torch.tensor([job.prompt_ids], dtype=torch.long),
-        "max_new_tokens": limits.max_new_tokens,
-        "min_new_tokens": job.min_new_tokens,
-        "max_skips": 4,
+        **common_job_kwargs(
+            job, limits=limits, eos_ids=eos_ids, filters=filters, embeddings=embeddings
+        ),
         "gen_settings": gen_settings,
-        "seed": job.seed,
-        "stop_conditions": stop_conditions(job, eos_ids),
-        "decode_special_tokens": True,
-        "return_top_tokens": job.top_logprobs if job.logprobs else 0,
-        "return_logits": False,
-        "return_probs": job.logprobs,
-        "filters": list(filters),
         "filter_prefer_eos": True,
-        "token_healing": False,
-        "identifier": job.job_id,
         "banned_strings": banned or None,
-        "embeddings": list(embeddings),
     }
 
 
@@ -240,7 +221,7 @@ def compile_grammar(
 ) -> tuple[llguidance.LLTokenizer, str]:
     """The llguidance tokenizer and a validated grammar; a bad one is a 400."""
     kind = "lark" if constraint.kind == "lark" else constraint.kind
-    grammar = llguidance.grammar_from(kind, constraint.source)  # type: ignore[arg-type]
+    grammar = llguidance.grammar_from(kind, constraint.source)
     lltok = _ll_tokenizer(tokenizer_json, tuple(eos_ids))
     problem = llguidance.LLMatcher.validate_grammar(grammar, lltok)
     if problem:
@@ -286,7 +267,7 @@ class GuidanceState:
 def make_filter_class(base: type) -> type:
     """An ``ExLlamaV2Filter`` subclass over :class:`GuidanceState` (``base`` needs the import)."""
 
-    class GuidanceFilter(base):  # type: ignore[valid-type, misc]
+    class GuidanceFilter(base):  # type: ignore[misc]
         def __init__(self, model: Any, tokenizer: Any, state: GuidanceState) -> None:
             super().__init__(model, tokenizer)
             self.state = state
@@ -313,13 +294,6 @@ def make_filter_class(base: type) -> type:
 
 
 @attrs.define
-class _Live:
-    job: object
-    limits: JobLimits
-    tokens: int
-
-
-@attrs.define
 class _Parts:
     lib: ModuleType
     gen: ModuleType  # exllamav2.generator
@@ -334,51 +308,18 @@ class _Parts:
     loras: list[Any] = attrs.field(factory=list)
 
 
-class ExLlamaV2Backend:
+class ExLlamaV2Backend(LibraryBackend[_Parts]):
     """Implements ``tabby.backends.base.Backend``; used from one worker thread."""
 
-    def __init__(self, parts: _Parts, tokenizer: LibraryTokenizer, info: ModelInfo) -> None:
-        self._parts: _Parts | None = parts
-        self._tokenizer = tokenizer
-        self._info = info
-        self._eos = info.eos_token_ids
-        self._live: dict[str, _Live] = {}
-        self._by_job: dict[int, str] = {}
-        self._last_batch = 0
-        self._generated = 0
+    library = NAME
+    supported_samplers = SUPPORTED_SAMPLERS
 
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def tokenizer(self) -> LibraryTokenizer:
-        return self._tokenizer
-
-    def _require(self) -> _Parts:
-        if self._parts is None:
-            raise NotSupported("the exllamav2 model was unloaded")
-        return self._parts
-
-    def enqueue(self, job: GenerationJob) -> None:
-        parts = self._require()
-        # The reference engine's masker mirrors job.constraint, which is what we compile.
-        if job.masker is not None and job.constraint is None:
-            raise NotSupported(
-                "per-token masks are not supported by the exllamav2 backend; use a constraint"
-            )
-        limits = job_limits(job, max_seq_len=self._info.max_seq_len, cache_size=self._info.cache_size)
-        missing = unsupported_samplers(job.sampler, SUPPORTED_SAMPLERS)
-        if missing:
-            log.warning("job %s: exllamav2 has no %s; ignored", job.job_id, ", ".join(missing))
-        breakers = [
-            ids[-1]
-            for ids in (self._tokenizer.encode(b) for b in job.sampler.dry_sequence_breakers)
-            if ids
-        ]
+    def _library_job(
+        self, parts: _Parts, job: GenerationJob, limits: JobLimits, dry_breaker_ids: list[int]
+    ) -> object:
         settings = parts.gen.ExLlamaV2Sampler.Settings()
         for field, value in sampler_settings_fields(
-            job.sampler, max_seq_len=self._info.max_seq_len, dry_breaker_ids=breakers
+            job.sampler, max_seq_len=self._info.max_seq_len, dry_breaker_ids=dry_breaker_ids
         ).items():
             setattr(settings, field, value)
         settings.token_bias = build_token_bias(
@@ -393,54 +334,7 @@ class ExLlamaV2Backend:
             job, limits=limits, eos_ids=self._eos, gen_settings=settings, filters=filters,
             embeddings=job.embeddings,
         )
-        lib_job = parts.gen.ExLlamaV2DynamicJob(**kwargs)
-        try:
-            parts.generator.enqueue(lib_job)
-        except AssertionError as exc:
-            raise ContextLengthExceeded(f"the job does not fit the cache: {exc}") from None
-        self._live[job.job_id] = _Live(lib_job, limits, len(job.prompt_ids))
-        self._by_job[id(lib_job)] = job.job_id
-
-    def cancel(self, job_id: str) -> None:
-        live = self._live.pop(job_id, None)
-        if live is None or self._parts is None:
-            return
-        self._by_job.pop(id(live.job), None)
-        self._parts.generator.cancel(live.job)
-
-    def step(self) -> list[JobResult]:
-        parts = self._require()
-        results = translate_results(
-            parts.generator.iterate(),
-            lambda r: self._by_job.get(id(r.get("job"))),
-            self._tokenizer,
-            context_bound=lambda job_id: self._live[job_id].limits.context_bound,
-        )
-        self._last_batch = 0
-        for result in results:
-            if result.token_ids:
-                self._last_batch += 1
-                self._generated += len(result.token_ids)
-                self._live[result.job_id].tokens += len(result.token_ids)
-            if result.finished:
-                self._by_job.pop(id(self._live.pop(result.job_id).job), None)
-        return results
-
-    def has_work(self) -> bool:
-        return self._parts is not None and bool(self._parts.generator.num_remaining_jobs())
-
-    def statistics(self) -> BackendStats:
-        used = sum(-(-live.tokens // PAGE_SIZE) for live in self._live.values())
-        total = self._info.cache_size // PAGE_SIZE
-        return BackendStats(
-            live_jobs=len(self._live),
-            waiting_jobs=0,
-            last_batch_size=self._last_batch,
-            cache_pages_total=total,
-            cache_pages_used=min(used, total),
-            page_size=PAGE_SIZE,
-            tokens_generated=self._generated,
-        )
+        return parts.gen.ExLlamaV2DynamicJob(**kwargs)
 
     def set_loras(self, loras: Sequence[LoraSpec]) -> None:
         """Replace the active LoRAs; only while no job is queued (the generator asserts)."""
@@ -464,27 +358,9 @@ class ExLlamaV2Backend:
             model=parts.model, tokenizer=self._tokenizer.library, image=image
         )
 
-    def close(self) -> None:
-        parts, self._parts = self._parts, None
-        self._live.clear()
-        self._by_job.clear()
-        if parts is None:
-            return
-        for lora in parts.loras:
-            lora.unload()
-        for component in (parts.model, parts.draft_model, parts.vision):
-            if component is not None:
-                component.unload()
-        del parts
-        _free_vram()
-
-
-def _free_vram() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    def _release(self, parts: _Parts) -> None:
+        unload_all(parts.loras)
+        unload_all((parts.model, parts.draft_model, parts.vision))
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -602,9 +478,8 @@ def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV2Backend:
             paged=paged,
         )
     except BaseException:
-        for component in loaded:
-            component.unload()
-        _free_vram()
+        unload_all(loaded)
+        free_vram()
         raise
     tokenizer_json = (spec.path / "tokenizer.json").read_text(encoding="utf-8")
     eos = _eos_ids(config)

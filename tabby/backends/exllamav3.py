@@ -10,7 +10,6 @@ on machines without a GPU; the library objects are made from them at the last mo
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
@@ -19,19 +18,17 @@ from typing import Any, Literal
 import attrs
 
 from tabby.backends.base import (
-    BackendStats,
     Capabilities,
     ConstraintSpec,
     GenerationJob,
-    JobResult,
     LoadProgress,
     LoadSpec,
     ModelInfo,
     ProgressCallback,
     SamplerSettings,
 )
+from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
-    PAGE_SIZE,
     CacheBits,
     JobLimits,
     LibraryName,
@@ -41,17 +38,14 @@ from tabby.backends.exllama_common import (
     check_runtime,
     chunk_size_for,
     clean_strings,
+    common_job_kwargs,
     import_library,
-    job_limits,
     parse_cache_mode_v3,
     placement,
     read_tokenizer_facts,
     size_context,
-    stop_conditions,
-    translate_results,
-    unsupported_samplers,
 )
-from tabby.errors import ConstraintError, ContextLengthExceeded, NotSupported
+from tabby.errors import ConstraintError, NotSupported
 
 __all__ = [
     "DEFAULT_DRAFT_TOKENS",
@@ -197,25 +191,12 @@ def job_kwargs(
     embeddings: Sequence[object] = (),
 ) -> dict[str, Any]:
     """Every ``Job(...)`` argument, explicit (the library defaults are not neutral)."""
-    import torch
-
     return {
-        "input_ids": torch.tensor([job.prompt_ids], dtype=torch.long),
-        "max_new_tokens": limits.max_new_tokens,
-        "min_new_tokens": job.min_new_tokens,
-        "max_skips": 4,
+        **common_job_kwargs(
+            job, limits=limits, eos_ids=eos_ids, filters=filters, embeddings=embeddings
+        ),
         "sampler": sampler,
-        "seed": job.seed,
-        "stop_conditions": stop_conditions(job, eos_ids),
-        "decode_special_tokens": True,
-        "return_top_tokens": job.top_logprobs if job.logprobs else 0,
-        "return_logits": False,
-        "return_probs": job.logprobs,
-        "filters": list(filters),
-        "token_healing": False,
-        "identifier": job.job_id,
         "banned_strings": clean_strings(job.banned_strings),
-        "embeddings": list(embeddings),
         # Output chunking: a long generation gives its pages back every chunk.
         "max_rq_tokens": chunk_size,
     }
@@ -254,13 +235,6 @@ def load_kwargs(place: Placement, *, reserve_mb: Sequence[float], devices: int) 
 # -- the backend ---------------------------------------------------------------------------
 
 
-@attrs.define
-class _Live:
-    job: object  # the library Job
-    limits: JobLimits
-    tokens: int
-
-
 @attrs.frozen
 class _Parts:
     """Library objects of one load, freed together."""
@@ -273,8 +247,11 @@ class _Parts:
     vision: Any = None
 
 
-class ExLlamaV3Backend:
+class ExLlamaV3Backend(LibraryBackend[_Parts]):
     """Implements ``tabby.backends.base.Backend``; used from one worker thread."""
+
+    library = NAME
+    supported_samplers = SUPPORTED_SAMPLERS
 
     def __init__(
         self,
@@ -283,50 +260,17 @@ class ExLlamaV3Backend:
         tokenizer: LibraryTokenizer,
         info: ModelInfo,
     ) -> None:
+        super().__init__(parts, tokenizer, info)
         self._lib = lib
-        self._parts: _Parts | None = parts
-        self._tokenizer = tokenizer
-        self._info = info
-        self._eos = info.eos_token_ids
-        self._live: dict[str, _Live] = {}
-        self._by_job: dict[int, str] = {}  # id(library job) → our job id
-        self._last_batch = 0
-        self._generated = 0
 
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def tokenizer(self) -> LibraryTokenizer:
-        return self._tokenizer
-
-    def _require(self) -> _Parts:
-        if self._parts is None:
-            raise NotSupported("the exllamav3 model was unloaded")
-        return self._parts
-
-    def enqueue(self, job: GenerationJob) -> None:
-        parts = self._require()
-        # The reference engine's masker mirrors job.constraint, which is what we compile.
-        if job.masker is not None and job.constraint is None:
-            raise NotSupported(
-                "per-token masks are not supported by the exllamav3 backend; use a constraint"
-            )
-        limits = job_limits(job, max_seq_len=self._info.max_seq_len, cache_size=self._info.cache_size)
-        missing = unsupported_samplers(job.sampler, SUPPORTED_SAMPLERS)
-        if missing:
-            log.warning("job %s: exllamav3 has no %s; ignored", job.job_id, ", ".join(missing))
-        breakers = [
-            ids[-1]
-            for ids in (self._tokenizer.encode(b) for b in job.sampler.dry_sequence_breakers)
-            if ids
-        ]
+    def _library_job(
+        self, parts: _Parts, job: GenerationJob, limits: JobLimits, dry_breaker_ids: list[int]
+    ) -> object:
         steps = build_sampler_steps(
             job.sampler,
             eos_ids=self._eos,
             vocab_size=self._tokenizer.vocab_size,
-            dry_breaker_ids=breakers,
+            dry_breaker_ids=dry_breaker_ids,
         )
         sampler = materialise_sampler(steps, self._lib, self._tokenizer.library)
         filters = [self._make_filter(job.constraint)] if job.constraint is not None else []
@@ -339,14 +283,7 @@ class ExLlamaV3Backend:
             filters=filters,
             embeddings=job.embeddings,
         )
-        lib_job = self._lib.Job(**kwargs)
-        try:
-            parts.generator.enqueue(lib_job)
-        except AssertionError as exc:
-            # enqueue's assertions are all about the job never fitting the cache.
-            raise ContextLengthExceeded(f"the job does not fit the cache: {exc}") from None
-        self._live[job.job_id] = _Live(lib_job, limits, len(job.prompt_ids))
-        self._by_job[id(lib_job)] = job.job_id
+        return self._lib.Job(**kwargs)
 
     def _make_filter(self, constraint: ConstraintSpec) -> object:
         try:
@@ -354,54 +291,11 @@ class ExLlamaV3Backend:
         except ValueError as exc:
             raise ConstraintError(f"invalid {constraint.kind}: {exc}", param="constraint") from None
 
-    def cancel(self, job_id: str) -> None:
-        live = self._live.pop(job_id, None)
-        if live is None or self._parts is None:
-            return
-        self._by_job.pop(id(live.job), None)
-        self._parts.generator.cancel(live.job)
-
-    def _job_id_of(self, result: Mapping[str, Any]) -> str | None:
-        return self._by_job.get(id(result.get("job")))
-
-    def step(self) -> list[JobResult]:
-        parts = self._require()
-        raw = parts.generator.iterate()
-        results = translate_results(
-            raw,
-            self._job_id_of,
-            self._tokenizer,
-            context_bound=lambda job_id: self._live[job_id].limits.context_bound,
-        )
-        self._last_batch = 0
-        for result in results:
-            if result.token_ids:
-                self._last_batch += 1
-                self._generated += len(result.token_ids)
-                self._live[result.job_id].tokens += len(result.token_ids)
-            if result.finished:
-                live = self._live.pop(result.job_id)
-                self._by_job.pop(id(live.job), None)
-        return results
-
-    def has_work(self) -> bool:
-        return self._parts is not None and bool(self._parts.generator.num_remaining_jobs())
-
-    def statistics(self) -> BackendStats:
+    def _job_counts(self) -> tuple[int, int]:
         gen = self._parts.generator if self._parts is not None else None
         active = int(gen.num_active_jobs()) if gen is not None else 0
         pending = int(gen.num_pending_jobs()) if gen is not None else 0
-        used = sum(-(-live.tokens // PAGE_SIZE) for live in self._live.values())
-        total = self._info.cache_size // PAGE_SIZE
-        return BackendStats(
-            live_jobs=active,
-            waiting_jobs=pending,
-            last_batch_size=self._last_batch,
-            cache_pages_total=total,
-            cache_pages_used=min(used, total),
-            page_size=PAGE_SIZE,
-            tokens_generated=self._generated,
-        )
+        return active, pending
 
     def image_embedding(self, image: object) -> object:
         """An ``MMEmbedding`` for a PIL image (its ``text_alias`` goes into the prompt)."""
@@ -410,26 +304,9 @@ class ExLlamaV3Backend:
             raise NotSupported("this model was loaded without a vision tower (set vision = true)")
         return parts.vision.get_image_embeddings(tokenizer=self._tokenizer.library, image=image)
 
-    def close(self) -> None:
-        parts, self._parts = self._parts, None
-        self._live.clear()
-        self._by_job.clear()
-        if parts is None:
-            return
-        for component in (parts.model, parts.draft_model, parts.vision):
-            if component is not None:
-                component.unload()
+    def _release(self, parts: _Parts) -> None:
+        unload_all((parts.model, parts.draft_model, parts.vision))
         parts.generator.close()
-        del parts
-        _free_vram()
-
-
-def _free_vram() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -547,9 +424,8 @@ def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV3Backend:
             num_draft_tokens=num_draft or None,
         )
     except BaseException:
-        for component in loaded:
-            component.unload()
-        _free_vram()
+        unload_all(loaded)
+        free_vram()
         raise
     # Creating the Tokenizer completed the config's EOS list (generation_config etc.).
     eos = tuple(dict.fromkeys(int(i) for i in (config.eos_token_id_list or [])))

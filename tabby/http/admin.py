@@ -9,13 +9,14 @@ key. Every change goes through the ModelManager, which owns the state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import quart
 
-from tabby.errors import InvalidRequest, NoModelLoaded, ServiceUnavailable, TabbyError
+from tabby.errors import InvalidRequest, TabbyError
 from tabby.generation import render_chat
 from tabby.http import admin_models, docs
+from tabby.http.admin_models import loaded_state, model_manager
 from tabby.http.auth import Permission, require
 from tabby.http.body import parse_body
 from tabby.http.openapi import Route
@@ -36,9 +37,6 @@ from tabby.http.schemas.openai import ChatCompletionRequest
 from tabby.model_settings import ServingState
 from tabby.services import Services
 from tabby.templating import strip_leading_bos
-
-if TYPE_CHECKING:
-    from tabby.actors.models import ModelManagerHandle
 
 __all__ = ["ROUTES", "blueprint", "encode_tokens", "overrides_json"]
 
@@ -76,20 +74,6 @@ _OWN_ROUTES: tuple[Route, ...] = (
 ROUTES: tuple[Route, ...] = admin_models.ROUTES + _OWN_ROUTES
 
 
-def _manager(services: Services) -> ModelManagerHandle:
-    handle: ModelManagerHandle | None = services.models
-    if handle is None:
-        raise ServiceUnavailable("model serving is not running on this server")
-    return handle
-
-
-def _loaded(services: Services) -> ServingState:
-    state = _manager(services).serving_state()
-    if not state.loaded:
-        raise NoModelLoaded("no model is loaded")
-    return state
-
-
 def overrides_json(preset: Any) -> dict[str, OverrideEntry]:
     """The active preset's overrides, keyed by sampler field."""
     if preset is None:
@@ -123,9 +107,9 @@ def _add_template_routes(bp: quart.Blueprint, services: Services) -> None:
         """List chat templates (admin: templates_dir; API key: the active one)."""
         permission = await require(Permission.API)
         if permission.grants(Permission.ADMIN):
-            names = list(await _manager(services).list("templates"))
+            names = list(await model_manager(services).list("templates"))
         else:
-            template = _manager(services).serving_state().template
+            template = model_manager(services).serving_state().template
             names = [template.name] if template is not None else []
         return to_json(NameList(data=names))
 
@@ -138,7 +122,7 @@ def _add_template_routes(bp: quart.Blueprint, services: Services) -> None:
         await require(Permission.ADMIN)
         body = await parse_body(TemplateSwitchRequest)
         try:
-            await _manager(services).switch_template(body.prompt_template_name)
+            await model_manager(services).switch_template(body.prompt_template_name)
         except TabbyError as exc:
             # The template lookup names the load request's field; here it is this one.
             if exc.param == "prompt_template":
@@ -150,7 +134,7 @@ def _add_template_routes(bp: quart.Blueprint, services: Services) -> None:
     async def template_unload() -> dict[str, Any]:
         """Serve no chat template."""
         await require(Permission.ADMIN)
-        await _manager(services).unload_template()
+        await model_manager(services).unload_template()
         return to_json(StatusResponse(status="unloaded"))
 
 
@@ -158,10 +142,10 @@ def _add_sampling_routes(bp: quart.Blueprint, services: Services) -> None:
     async def overrides() -> dict[str, Any]:
         """The active sampler overrides."""
         permission = await require(Permission.API)
-        state = _manager(services).serving_state()
+        state = model_manager(services).serving_state()
         presets: list[str] = []
         if permission.grants(Permission.ADMIN):
-            presets = list(await _manager(services).list("presets"))
+            presets = list(await model_manager(services).list("presets"))
         response = SamplingOverridesResponse(
             selected_preset=state.preset_name, overrides=overrides_json(state.preset),
             presets=presets,
@@ -178,14 +162,14 @@ def _add_sampling_routes(bp: quart.Blueprint, services: Services) -> None:
         body = await parse_body(SamplingOverrideSwitchRequest)
         if not body.preset and body.overrides is None:
             raise InvalidRequest("give a preset name or overrides", param="preset")
-        await _manager(services).switch_preset(body.preset or None, body.overrides)
+        await model_manager(services).switch_preset(body.preset or None, body.overrides)
         return to_json(StatusResponse(status="switched"))
 
     @bp.post("/v1/sampling/override/unload")
     async def override_unload() -> dict[str, Any]:
         """Clear the sampler overrides."""
         await require(Permission.ADMIN)
-        await _manager(services).unload_preset()
+        await model_manager(services).unload_preset()
         return to_json(StatusResponse(status="unloaded"))
 
 
@@ -195,7 +179,7 @@ def _add_token_routes(bp: quart.Blueprint, services: Services) -> None:
         """Tokenize text or chat messages."""
         await require(Permission.API)
         body = await parse_body(TokenEncodeRequest)
-        tokens = encode_tokens(body, _loaded(services))
+        tokens = encode_tokens(body, loaded_state(services))
         return to_json(TokenEncodeResponse(tokens=tokens, length=len(tokens)))
 
     @bp.post("/v1/token/decode")
@@ -203,7 +187,7 @@ def _add_token_routes(bp: quart.Blueprint, services: Services) -> None:
         """Turn token ids into text."""
         await require(Permission.API)
         body = await parse_body(TokenDecodeRequest)
-        state = _loaded(services)
+        state = loaded_state(services)
         tokenizer = state.tokenizer
         assert tokenizer is not None
         vocab = tokenizer.vocab_size

@@ -49,7 +49,14 @@ from tabby.services import Services
 if TYPE_CHECKING:
     from tabby.actors.models import ModelManagerHandle
 
-__all__ = ["ROUTES", "add_routes", "model_parameters", "progress_json"]
+__all__ = [
+    "ROUTES",
+    "add_routes",
+    "loaded_state",
+    "model_manager",
+    "model_parameters",
+    "progress_json",
+]
 
 _TAG = "models"
 
@@ -89,15 +96,17 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def _manager(services: Services) -> ModelManagerHandle:
+def model_manager(services: Services) -> ModelManagerHandle:
+    """The ModelManager's handle (503 when model serving is not running)."""
     handle: ModelManagerHandle | None = services.models
     if handle is None:
         raise ServiceUnavailable("model serving is not running on this server")
     return handle
 
 
-def _loaded(services: Services) -> ServingState:
-    state = _manager(services).serving_state()
+def loaded_state(services: Services) -> ServingState:
+    """What is being served (503 when no model is loaded)."""
+    state = model_manager(services).serving_state()
     if not state.loaded:
         raise NoModelLoaded("no model is loaded")
     return state
@@ -179,9 +188,9 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
         """List models (admin: every loadable model; API key: the loaded one)."""
         permission = await require(Permission.API)
         if permission.grants(Permission.ADMIN):
-            names = await _manager(services).list("models")
+            names = await model_manager(services).list("models")
         else:
-            state = _manager(services).serving_state()
+            state = model_manager(services).serving_state()
             names = (state.model_name,) if state.model_name else ()
         return to_json(ModelList(data=cards(names)))
 
@@ -192,7 +201,7 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
     async def current_model() -> dict[str, Any]:
         """The loaded model's card with its serving parameters."""
         await require(Permission.API)
-        state = _loaded(services)
+        state = loaded_state(services)
         assert state.model_name is not None
         card = ModelCard(
             id=state.model_name, created=int(time.time()), parameters=model_parameters(state)
@@ -204,9 +213,9 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
         """List draft models (admin: draft_model_dir; API key: the active draft)."""
         permission = await require(Permission.API)
         if permission.grants(Permission.ADMIN):
-            names = await _manager(services).list("drafts")
+            names = await model_manager(services).list("drafts")
         else:
-            draft = _manager(services).serving_state().draft
+            draft = model_manager(services).serving_state().draft
             names = (draft.name,) if draft is not None else ()
         now = int(time.time())
         return to_json(ModelList(data=[ModelCard(id=name, created=now) for name in names]))
@@ -216,7 +225,7 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
         """Load a model; SSE progress."""
         await require(Permission.ADMIN)
         body = await parse_body(ModelLoadRequest)
-        events = await _manager(services).load_model(body)
+        events = await model_manager(services).load_model(body)
         return sse_response(_progress(events))
 
     @bp.post("/v1/model/unload")
@@ -224,15 +233,15 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
         """Unload the model."""
         await require(Permission.ADMIN)
         body = await parse_body(ModelUnloadRequest, allow_empty=True)
-        _loaded(services)
-        await _manager(services).unload_model(skip_queue=body.skip_queue)
+        loaded_state(services)
+        await model_manager(services).unload_model(skip_queue=body.skip_queue)
         return to_json(StatusResponse(status="unloaded"))
 
     @bp.get("/props")
     async def props() -> dict[str, Any]:
         """Server properties (llama.cpp style)."""
         await require(Permission.API)
-        state = _loaded(services)
+        state = loaded_state(services)
         info = state.model
         assert info is not None
         template = state.template.source if state.template is not None else ""
@@ -253,9 +262,9 @@ def _add_lora_routes(bp: quart.Blueprint, services: Services) -> None:
         permission = await require(Permission.API)
         now = int(time.time())
         if permission.grants(Permission.ADMIN):
-            names = await _manager(services).list("loras")
+            names = await model_manager(services).list("loras")
             return to_json(LoraList(data=[LoraCard(id=name, created=now) for name in names]))
-        return _active_loras(_manager(services).serving_state())
+        return _active_loras(model_manager(services).serving_state())
 
     bp.add_url_rule("/v1/loras", "loras", lora_list, methods=["GET"])
     bp.add_url_rule("/v1/lora/list", "lora_list", lora_list, methods=["GET"])
@@ -264,23 +273,23 @@ def _add_lora_routes(bp: quart.Blueprint, services: Services) -> None:
     async def active_loras() -> dict[str, Any]:
         """The active LoRAs."""
         await require(Permission.API)
-        return _active_loras(_loaded(services))
+        return _active_loras(loaded_state(services))
 
     @bp.post("/v1/lora/load")
     async def load_loras() -> dict[str, Any]:
         """Replace the active LoRAs."""
         await require(Permission.ADMIN)
         body = await parse_body(LoraLoadRequest)
-        _loaded(services)
-        result = await _manager(services).load_loras(body.loras, skip_queue=body.skip_queue)
+        loaded_state(services)
+        result = await model_manager(services).load_loras(body.loras, skip_queue=body.skip_queue)
         return to_json(LoraLoadResponse(success=list(result.success), failure=list(result.failure)))
 
     @bp.post("/v1/lora/unload")
     async def unload_loras() -> dict[str, Any]:
         """Remove every active LoRA."""
         await require(Permission.ADMIN)
-        _loaded(services)
-        await _manager(services).unload_loras()
+        loaded_state(services)
+        await model_manager(services).unload_loras()
         return to_json(StatusResponse(status="unloaded"))
 
 

@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import attrs
 import gguf
@@ -25,12 +25,15 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from tabby.engine.tokenizer import bytes_to_unicode
+
 __all__ = [
     "BOS_ID",
     "CHATML_TEMPLATE",
     "EOS_ID",
     "SPECIAL_TOKENS",
     "UNK_ID",
+    "TinyModelArgs",
     "TinySpec",
     "gguf_tensor_name",
     "hf_config",
@@ -92,30 +95,19 @@ class TinySpec:
         return self.hidden // self.heads
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible map of bytes to printable characters.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    table: dict[int, str] = {}
-    extra = 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # SmolLM2's: digits one by one, then the GPT-2 regex.
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
 
 
 @cache
 def tiny_vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """The tiny tokenizer's tokens (by id) and merges (by rank); deterministic."""
-    symbols = [_bytes_to_unicode()[b] for b in range(256)]
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    words = collections.Counter(w for w, _ in pre.pre_tokenize_str(_TRAINING_TEXT))
+    symbols = [bytes_to_unicode()[b] for b in range(256)]
+    words = collections.Counter(w for w, _ in _pre_tokenizer().pre_tokenize_str(_TRAINING_TEXT))
     split = {w: list(w) for w in words}
     merges: list[tuple[str, str]] = []
     while len(SPECIAL_TOKENS) + len(symbols) + len(merges) < TOKENIZER_SIZE:
@@ -146,10 +138,7 @@ def tiny_tokenizer() -> Tokenizer:
     """The tiny byte-level BPE as a ``tokenizers.Tokenizer``."""
     tokens, merges = tiny_vocab_and_merges()
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges)))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
@@ -189,7 +178,26 @@ def tiny_weights(spec: TinySpec, dtype: torch.dtype = torch.float32) -> dict[str
     return {k: v.to(dtype).contiguous() for k, v in w.items()}
 
 
-def _spec(**kw: Any) -> TinySpec:
+class TinyModelArgs(TypedDict, total=False):
+    """The model arguments of ``make_tiny_hf`` and ``make_tiny_gguf``; TinySpec's defaults."""
+
+    seed: int
+    arch: Arch
+    vocab: int | None  # None: the tokenizer's size
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tie: bool
+    rope_scaling: Mapping[str, Any] | None
+    rope_theta: float
+    bias: bool  # qwen2 only
+    max_position_embeddings: int
+
+
+def _spec(args: TinyModelArgs) -> TinySpec:
+    kw: dict[str, Any] = dict(args)
     if kw.get("vocab") is None:
         kw["vocab"] = TOKENIZER_SIZE
     if kw.get("bias") and kw.get("arch", "llama") != "qwen2":
@@ -201,29 +209,14 @@ def _spec(**kw: Any) -> TinySpec:
 def make_tiny_hf(
     directory: Path,
     *,
-    seed: int = 0,
-    arch: Arch = "llama",
-    vocab: int | None = None,
-    hidden: int = 64,
-    intermediate: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    tie: bool = False,
-    rope_scaling: Mapping[str, Any] | None = None,
-    rope_theta: float = 10000.0,
-    bias: bool = False,
     dtype: torch.dtype = torch.float32,
     shards: int = 1,
     add_bos_token: bool = False,
     chat_template: str | None = CHATML_TEMPLATE,
-    max_position_embeddings: int = 2048,
+    **model: Unpack[TinyModelArgs],
 ) -> Path:
     """Write a tiny HF model folder into ``directory`` (created) and return it."""
-    spec = _spec(seed=seed, arch=arch, vocab=vocab, hidden=hidden, intermediate=intermediate,
-                 layers=layers, heads=heads, kv_heads=kv_heads, tie=tie, bias=bias,
-                 rope_theta=rope_theta, rope_scaling=rope_scaling,
-                 max_position_embeddings=max_position_embeddings)
+    spec = _spec(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = tiny_weights(spec, dtype)
@@ -239,7 +232,7 @@ def make_tiny_hf(
         "eos_token": SPECIAL_TOKENS[EOS_ID],
         "pad_token": SPECIAL_TOKENS[EOS_ID],
         "unk_token": SPECIAL_TOKENS[UNK_ID],
-        "model_max_length": max_position_embeddings,
+        "model_max_length": spec.max_position_embeddings,
         "tokenizer_class": "GPT2Tokenizer",
         "added_tokens_decoder": {
             str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
@@ -340,32 +333,17 @@ def make_tiny_gguf(
     path: Path,
     *,
     tensor_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-    seed: int = 0,
-    arch: Arch = "llama",
-    vocab: int | None = None,
-    hidden: int = 64,
-    intermediate: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    tie: bool = False,
-    rope_scaling: Mapping[str, Any] | None = None,
-    rope_theta: float = 10000.0,
-    bias: bool = False,
     add_bos_token: bool = False,
     chat_template: str | None = CHATML_TEMPLATE,
-    max_position_embeddings: int = 2048,
     gguf_arch: str | None = None,
+    **model: Unpack[TinyModelArgs],
 ) -> Path:
     """Write a GGUF of the same model ``make_tiny_hf`` writes with equal arguments.
 
     Matrices take ``tensor_type``; norms and biases stay F32 (as llama.cpp keeps them).
     ``gguf_arch`` overrides ``general.architecture`` (to test refusals).
     """
-    spec = _spec(seed=seed, arch=arch, vocab=vocab, hidden=hidden, intermediate=intermediate,
-                 layers=layers, heads=heads, kv_heads=kv_heads, tie=tie, bias=bias,
-                 rope_theta=rope_theta, rope_scaling=rope_scaling,
-                 max_position_embeddings=max_position_embeddings)
+    spec = _spec(model)
     name = gguf_arch or ("qwen2" if spec.arch == "qwen2" else "llama")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
