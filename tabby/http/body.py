@@ -42,6 +42,9 @@ async def read_json(*, allow_empty: bool = False) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        # A few KB of "[[[[..." exhaust the parser's recursion limit: the client's fault.
+        raise InvalidRequest("the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def structure_body(data: Any, cls: type[T]) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -16,8 +17,15 @@ import pytest
 import trio
 
 from tabby.actors.embedder import embedder_from_config
-from tabby.backends.infinity import EMBEDDED_MODEL_NAME, embedded_model_path, infinity_missing
+from tabby.backends.infinity import (
+    EMBEDDED_MODEL_NAME,
+    InfinityEngine,
+    await_future,
+    embedded_model_path,
+    infinity_missing,
+)
 from tabby.config import EmbeddingsConfig, ModelConfigSection, NetworkConfig, TabbyConfig
+from tabby.errors import ServiceUnavailable
 from tabby.http import embeddings
 from tabby.http.app import ROUTE_MODULES
 from tabby.services import Services
@@ -116,6 +124,30 @@ async def test_client_that_leaves_does_not_hurt(server: Any) -> None:
     async with server.client() as client:
         r = await client.post("/v1/embeddings", json={"input": "after"}, headers=server.auth())
     assert r.status_code == 200
+
+
+@needs_infinity
+async def test_client_that_leaves_cancels_its_work(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real engine answers a short text faster than a client can leave, so the work is
+    # held open here: the engine's future stays pending until someone cancels it.
+    held: list[concurrent.futures.Future[Any]] = []
+    submitted = trio.Event()
+
+    def submit(self: InfinityEngine, texts: list[str]) -> concurrent.futures.Future[Any]:
+        held.append(concurrent.futures.Future())
+        submitted.set()
+        return held[-1]
+
+    monkeypatch.setattr(InfinityEngine, "submit", submit)
+    async with server.client(timeout=0.5) as client:
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and hangs up
+            await client.post("/v1/embeddings", json={"input": "x"}, headers=server.auth())
+    assert submitted.is_set()
+    with trio.fail_after(10), pytest.raises(ServiceUnavailable):
+        await await_future(held[0])  # raises once the server has cancelled the work
+    assert held[0].cancelled()
 
 
 @needs_infinity

@@ -104,6 +104,9 @@ async def test_body_errors(live_server: StartServer) -> None:
         bad_json = await client.post("/t/items", content=b'{"name": ', **post)
         assert_error(bad_json, 400, "invalid_request_error", "invalid_json")
 
+        too_deep = await client.post("/t/items", content=b"[" * 1990, **post)
+        assert_error(too_deep, 400, "invalid_request_error", "invalid_json")
+
         not_object = await client.post("/t/items", json=[1, 2])
         assert_error(not_object, 400, "invalid_request_error", "invalid_body")
 
