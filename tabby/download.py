@@ -144,6 +144,17 @@ def resolve_endpoint(spec: DownloadSpec, default: str | None) -> str:
     return chosen.rstrip("/")
 
 
+def _token_for(spec: DownloadSpec, endpoint: str) -> str | bool | None:
+    """The request's token; without one, the machine's saved hub token only for the hub.
+
+    huggingface_hub falls back to the saved token (or ``HF_TOKEN``) when given None,
+    and a mirror named by the caller must never receive it.
+    """
+    if spec.token:
+        return spec.token
+    return None if endpoint.rstrip("/") == PUBLIC_HUB else False
+
+
 def fetch_listing(spec: DownloadSpec, endpoint: str) -> RepoListing:
     """List the files of ``spec`` at its revision (blocking: run it in a thread)."""
     from huggingface_hub import HfApi
@@ -154,7 +165,7 @@ def fetch_listing(spec: DownloadSpec, endpoint: str) -> RepoListing:
             spec.repo_id,
             revision=spec.revision,
             files_metadata=True,
-            token=spec.token,
+            token=_token_for(spec, endpoint),
             timeout=LISTING_TIMEOUT_S,
         )
     except Exception as exc:
@@ -363,7 +374,7 @@ async def run_download(
         raise Conflict(f"{final.name} already exists in {root}", param="folder_name")
     temp = root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     tracker = _Tracker(listing, on_progress)
-    headers = build_hf_headers(token=spec.token, library_name="tabby")
+    headers = build_hf_headers(token=_token_for(spec, endpoint), library_name="tabby")
     limiter = trio.CapacityLimiter(PARALLEL_FILES)
 
     async def one(file: RepoFile) -> None:

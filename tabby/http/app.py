@@ -113,6 +113,14 @@ def _install_request_hooks(app: QuartTrio, config: TabbyConfig) -> None:
 
     @app.after_request
     async def finish_request(response: quart.Response) -> quart.Response:
+        if quart.request.method == "OPTIONS" and response.status_code == 200:
+            # quart's automatic OPTIONS answer is an empty text/html page: keep its
+            # Allow header, send no body.
+            allow = response.headers.get("Allow")
+            response = quart.Response("", status=204)
+            del response.headers["Content-Type"]
+            if allow is not None:
+                response.headers["Allow"] = allow
         rid = getattr(quart.g, "request_id", None) or uuid.uuid4().hex
         response.headers["X-Request-Id"] = rid
         allowed = _allowed_origin(origins)
@@ -158,7 +166,7 @@ async def _log_request() -> None:
         raw = await request.get_data(as_text=True)
         try:
             body = redact_body(json.loads(raw)) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):
             body = "<invalid JSON>"
     access_log.info(
         "request %s %s id=%s headers=%s body=%s",

@@ -248,3 +248,12 @@ async def test_local_disk_error_fails_only_that_download(env: Env, tmp_path: Pat
         done = (await collect(handle, env.spec(repo_type="lora")))[-1]
         assert isinstance(done, DownloadDone)  # the actor kept serving
         nursery.cancel_scope.cancel()
+
+
+def test_saved_hub_token_never_goes_to_a_mirror() -> None:
+    from tabby.download import PUBLIC_HUB, DownloadSpec, _token_for
+
+    anonymous = DownloadSpec(repo_id="org/name")
+    assert _token_for(anonymous, "http://127.0.0.1:9/") is False
+    assert _token_for(anonymous, PUBLIC_HUB) is None  # the hub may use the saved token
+    assert _token_for(DownloadSpec(repo_id="org/name", token="hf_x"), "http://m") == "hf_x"

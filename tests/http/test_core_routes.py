@@ -55,3 +55,13 @@ async def test_serviceinfo(live_server: StartServer) -> None:
     async with only_oai.client() as client:
         info = (await client.get("/.well-known/serviceinfo")).json()
     assert set(info["api"]) == {"openai"}
+
+
+async def test_plain_options_is_an_empty_204_with_allow(live_server: StartServer) -> None:
+    server = await live_server()
+    async with server.client() as client:
+        response = await client.options("/health")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert "GET" in response.headers["Allow"]
+    assert "text/html" not in response.headers.get("content-type", "")
