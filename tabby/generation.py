@@ -11,13 +11,17 @@ The pipeline (DESIGN.md, "Streaming chat completion"), up to the scheduler:
    or the tokenizer says), check that every prompt leaves room to generate
    (``ContextLengthExceeded`` before anything is queued or streamed), and build one
    :class:`GenerationJob` per choice: choice index = prompt index × n + choice number.
+   The request's constraint is checked (400 naming the field) and put on every job
+   with its own masker (:mod:`tabby.structured`); chat requests also resolve their
+   tool mode and reasoning tags (:mod:`tabby.chat_options`), which can change the
+   prompt (a forced call ends it with the tool tag), the stop strings and the
+   constraint. Planning compiles constraints: run it in a worker thread.
 
 Running the jobs and merging their streams is :mod:`tabby.generation_run`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -26,6 +30,8 @@ import attrs
 
 from tabby.actors.auth import Permission
 from tabby.backends.base import ConstraintSpec, GenerationJob, ModelInfo, Tokenizer
+from tabby.chat_options import ChatOptions, chat_options, with_prompt
+from tabby.constraints import request_field, validate
 from tabby.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -42,8 +48,13 @@ from tabby.http.schemas.openai import (
 )
 from tabby.model_settings import ServingState
 from tabby.presets import apply_preset
+from tabby.sampling import SamplerParams
 from tabby.services import Services
+from tabby.structured import constrain_job, reasoning_end_for
+from tabby.structured import constraint_for as _constraint_for
 from tabby.templating import build_variables, strip_leading_bos
+from tabby.templating.environment import TemplateMetadata
+from tabby.tools import check_tool_messages, template_messages
 
 __all__ = [
     "GenerationPlan",
@@ -52,6 +63,7 @@ __all__ = [
     "plan_chat",
     "plan_completion",
     "render_chat",
+    "render_chat_prompt",
     "serving_state_for",
     "structure_request",
     "tool_calls_enabled",
@@ -79,6 +91,8 @@ class GenerationPlan:
     prompts: tuple[PreparedPrompt, ...]
     jobs: tuple[GenerationJob, ...]  # in choice order
     n: int
+    # Chat only: how the output is shaped (tool calls, reasoning).
+    chat: ChatOptions | None = None
 
     def prompt_index(self, choice: int) -> int:
         return choice // self.n
@@ -111,39 +125,21 @@ async def serving_state_for(
     return state
 
 
-# -- hook points for structured output and tools -----------------------------------------
+# -- structured output and tools ---------------------------------------------------------
 
 
-def constraint_for(request: OpenAIRequest) -> ConstraintSpec | None:
-    """The structured-output constraint of a request.
+def constraint_for(
+    request: SamplerParams, state: ServingState | None = None
+) -> ConstraintSpec | None:
+    """The request's structured-output constraint, checked (400 names the field).
 
-    HOOK (structured output): the constraint spec is decided here, once per request;
-    ``tabby.constraints`` plugs in here to check or rewrite it before jobs are built.
+    ``{}`` is no constraint; see :mod:`tabby.structured`.
     """
-    spec = request.constraint()
-    if spec is not None:
-        return spec
-    fmt = request.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type in ("json", "json_object"):
-        return ConstraintSpec("json_schema", json.dumps({"type": "object"}))
-    schema = fmt.json_schema
-    if not schema:
-        raise InvalidRequest(
-            'response_format.type "json_schema" needs response_format.json_schema',
-            param="response_format.json_schema",
-        )
-    inner = schema.get("schema")
-    return ConstraintSpec("json_schema", json.dumps(inner if isinstance(inner, dict) else schema))
+    return _constraint_for(request, state)
 
 
 def tool_calls_enabled(request: ChatCompletionRequest) -> bool:
-    """Whether tool-call parsing applies to this request's output.
-
-    HOOK (tools): ``tabby.tools`` decides with the model's ``tool_format``; until it is
-    connected, tool calls stay text in ``content``.
-    """
+    """Whether the request offers tools that the model may call."""
     return bool(request.tools) and request.tool_choice != "none"
 
 
@@ -163,6 +159,8 @@ def _build_jobs(
     *,
     param: str,
     extra_stops: Sequence[str] = (),
+    constraint: ConstraintSpec | None = None,
+    reasoning_end: str | None = None,
 ) -> tuple[GenerationJob, ...]:
     total = len(prompts) * request.n
     if total > MAX_CHOICES:
@@ -170,7 +168,6 @@ def _build_jobs(
             f"{len(prompts)} prompts × n={request.n} is {total} choices; at most {MAX_CHOICES}",
             param="n",
         )
-    constraint = constraint_for(request)
     jobs: list[GenerationJob] = []
     for p_idx, prompt in enumerate(prompts):
         try:
@@ -187,9 +184,8 @@ def _build_jobs(
             index = p_idx * request.n + n_idx
             # Each choice gets its own seed, so n choices differ and each is reproducible.
             seed = None if base.seed is None else (base.seed + index) % 2**64
-            jobs.append(
-                attrs.evolve(base, job_id=f"{request_id}-{index}", seed=seed, constraint=constraint)
-            )
+            job = attrs.evolve(base, job_id=f"{request_id}-{index}", seed=seed)
+            jobs.append(constrain_job(job, constraint, state, reasoning_end=reasoning_end))
     return tuple(jobs)
 
 
@@ -199,6 +195,7 @@ def _plan(
     request_id: str,
     prompts: tuple[PreparedPrompt, ...],
     jobs: tuple[GenerationJob, ...],
+    chat: ChatOptions | None = None,
 ) -> GenerationPlan:
     assert state.tokenizer is not None
     return GenerationPlan(
@@ -209,6 +206,7 @@ def _plan(
         prompts=prompts,
         jobs=jobs,
         n=request.n,
+        chat=chat,
     )
 
 
@@ -220,7 +218,8 @@ def plan_completion(
     assert tokenizer is not None
     add_bos = info.add_bos_token if request.add_bos_token is None else request.add_bos_token
     prompts = tuple(_encode(tokenizer, info, text, add_bos) for text in request.prompts)
-    jobs = _build_jobs(request, state, request_id, prompts, param="prompt")
+    spec = constraint_for(request, state)
+    jobs = _build_jobs(request, state, request_id, prompts, param="prompt", constraint=spec)
     return _plan(request, state, request_id, prompts, jobs)
 
 
@@ -242,6 +241,9 @@ def _message_dict(message: ChatMessage, index: int, vision: bool) -> dict[str, A
     data: dict[str, Any] = attrs.asdict(message, recurse=True)
     if isinstance(content, tuple):
         data["content"] = [{"type": "text", "text": part.text} for part in content]
+    if data.get("tool_calls"):
+        # Templates get each call's arguments as an object, not JSON text.
+        data["tool_calls"] = template_messages([data])[0]["tool_calls"]
     return data
 
 
@@ -253,7 +255,15 @@ def _final_text(message: ChatMessage) -> str:
 
 
 def render_chat(request: ChatCompletionRequest, state: ServingState) -> tuple[str, tuple[str, ...]]:
-    """The rendered prompt and the template's stop strings."""
+    """The rendered prompt and the template's stop strings (``tool_start`` included)."""
+    text, meta = render_chat_prompt(request, state)
+    return text, meta.stop_strings + ((meta.tool_start,) if meta.tool_start else ())
+
+
+def render_chat_prompt(
+    request: ChatCompletionRequest, state: ServingState
+) -> tuple[str, TemplateMetadata]:
+    """The rendered prompt and the template's metadata."""
     info, template = state.model, state.template
     assert info is not None
     if template is None:
@@ -273,6 +283,7 @@ def render_chat(request: ChatCompletionRequest, state: ServingState) -> tuple[st
             "continue_final_message needs a final message with text",
             param=f"messages[{len(request.messages) - 1}].content",
         )
+    check_tool_messages(request.messages)
     vision = info.capabilities.vision
     messages = [_message_dict(m, i, vision) for i, m in enumerate(request.messages)]
     template_vars = {**request.reasoning_variables(), **request.template_vars}
@@ -300,19 +311,65 @@ def render_chat(request: ChatCompletionRequest, state: ServingState) -> tuple[st
             text += request.response_prefix
         else:
             log.warning("response_prefix ignored: add_generation_prompt is false")
-    meta = rendered.metadata
-    stops = meta.stop_strings + ((meta.tool_start,) if meta.tool_start else ())
-    return text, stops
+    return text, rendered.metadata
+
+
+def _chat_constraint(
+    request: ChatCompletionRequest, state: ServingState, options: ChatOptions
+) -> tuple[ConstraintSpec | None, str | None]:
+    """The chat jobs' constraint and where it arms (after the reasoning, if any)."""
+    spec = constraint_for(request, state)
+    if options.tools == "forced":
+        if spec is not None:
+            field = request_field(spec)
+            raise InvalidRequest(
+                f"{field} cannot be combined with a tool_choice that forces a call",
+                param=field,
+            )
+        tool_spec = options.tool_constraint()
+        assert tool_spec is not None
+        validate(tool_spec, state.constraints)
+        return tool_spec, None
+    tags = options.reasoning
+    if spec is None or tags is None:
+        return spec, None
+    return spec, reasoning_end_for(spec, tags.start, tags.end)
 
 
 def plan_chat(
     request: ChatCompletionRequest, state: ServingState, request_id: str
 ) -> GenerationPlan:
+    """The chat jobs; constraint maskers are compiled here, so call it from a worker
+    thread when the request may be constrained (see :mod:`tabby.structured`)."""
     info, tokenizer = state.model, state.tokenizer
     assert info is not None
     assert tokenizer is not None
-    text, stops = render_chat(request, state)
+    text, meta = render_chat_prompt(request, state)
+    options = chat_options(
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        settings=state.settings,
+        template_tool_start=meta.tool_start,
+    )
+    stops = meta.stop_strings
+    if options.tools == "template" and options.tool_start:
+        stops += (options.tool_start,)
+    if options.tools == "forced" and options.tool_start:
+        text += options.tool_start
+    options = with_prompt(
+        options,
+        text,
+        state.settings,
+        add_bos=info.add_bos_token,
+        max_seq_len=state.max_seq_len,
+        compiler=state.constraints,
+    )
+    spec, reasoning_end = _chat_constraint(request, state, options)
     # Chat requests never choose BOS: the model's tokenizer settings do.
     prompts = (_encode(tokenizer, info, text, info.add_bos_token),)
-    jobs = _build_jobs(request, state, request_id, prompts, param="messages", extra_stops=stops)
-    return _plan(request, state, request_id, prompts, jobs)
+    jobs = _build_jobs(
+        request, state, request_id, prompts, param="messages", extra_stops=stops,
+        constraint=spec, reasoning_end=reasoning_end,
+    )  # fmt: skip
+    return _plan(request, state, request_id, prompts, jobs, options)

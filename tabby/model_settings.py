@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import tomlkit
@@ -27,6 +27,9 @@ from tabby.config.loader import structure_config
 from tabby.engine.config import SUPPORTED_ARCHITECTURES
 from tabby.errors import InvalidRequest, NotSupported
 from tabby.templating import PromptTemplate
+
+if TYPE_CHECKING:
+    from tabby.constraints import ConstraintCompiler
 
 __all__ = [
     "MODEL_CONFIG_FILE",
@@ -144,6 +147,8 @@ class ServingState:
     preset: Any = None  # the active sampler preset (tabby.presets), None = no overrides
     loras: tuple[LoraSpec, ...] = ()
     draft: DraftSpec | None = None
+    # The loaded model's structured-output compiler (reference engine only).
+    constraints: ConstraintCompiler | None = attrs.field(default=None, eq=False)
 
     @property
     def loaded(self) -> bool:

@@ -463,18 +463,26 @@ class SamplerParams:
     ) -> GenerationJob:
         """A backend job for ``prompt_ids``.
 
-        ``max_tokens`` null or 0 fills the rest of the context, and a larger value is
-        capped to it. A prompt that leaves no room raises
+        ``max_tokens`` null or 0 fills the rest of the context, and a value that fits the
+        model but not beside this prompt is capped to what is left (clients such as
+        SillyTavern send a fixed ``max_tokens`` whatever the prompt's length). A value
+        beyond the context length itself, or a prompt that leaves no room, raises
         :class:`ContextLengthExceeded` before anything is queued.
         """
-        room = max_seq_len - len(prompt_ids) - 1
+        room = max_seq_len - len(prompt_ids)
+        options = self.job_options(extra_stop_strings=extra_stop_strings)
+        if options.max_tokens is not None and options.max_tokens > max_seq_len:
+            raise ContextLengthExceeded(
+                f"max_tokens is {options.max_tokens}, more than the model's context length "
+                f"of {max_seq_len}",
+                param="max_tokens",
+            )
         if room < 1:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate "
                 f"within the context length of {max_seq_len}",
                 param="messages",
             )
-        options = self.job_options(extra_stop_strings=extra_stop_strings)
         max_new = room if options.max_tokens is None else min(options.max_tokens, room)
         return GenerationJob(
             job_id=job_id,

@@ -269,7 +269,7 @@ def test_build_job() -> None:
     assert job.sampler == params.to_settings()
 
 
-@pytest.mark.parametrize(("max_tokens", "expected"), [(None, 6), (0, 6), (4, 4), (500, 6)])
+@pytest.mark.parametrize(("max_tokens", "expected"), [(None, 7), (0, 7), (4, 4), (10, 7)])
 def test_build_job_fills_or_caps_to_the_context(max_tokens: int | None, expected: int) -> None:
     job = parse({"max_tokens": max_tokens}).build_job(
         job_id="j", prompt_ids=[1, 2, 3], max_seq_len=10
@@ -279,9 +279,17 @@ def test_build_job_fills_or_caps_to_the_context(max_tokens: int | None, expected
 
 def test_build_job_rejects_a_prompt_that_does_not_fit() -> None:
     with pytest.raises(ContextLengthExceeded) as info:
-        parse({}).build_job(job_id="j", prompt_ids=list(range(9)), max_seq_len=10)
+        parse({}).build_job(job_id="j", prompt_ids=list(range(10)), max_seq_len=10)
     assert info.value.status == 400
     assert info.value.code == "context_length_exceeded"
+
+
+def test_build_job_rejects_max_tokens_beyond_the_context_length() -> None:
+    with pytest.raises(ContextLengthExceeded) as info:
+        parse({"max_tokens": 11}).build_job(job_id="j", prompt_ids=[1], max_seq_len=10)
+    assert info.value.param == "max_tokens"
+    assert "11" in info.value.message
+    assert "10" in info.value.message
 
 
 def test_ineffective_fields() -> None:

@@ -52,6 +52,7 @@ from tabby.errors import (
 )
 from tabby.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest, ServingState
 from tabby.presets import SamplerPreset, load_preset, preset_from_dict
+from tabby.structured import compiler_for
 
 __all__ = [
     "EnsureModel",
@@ -637,6 +638,7 @@ class ModelManager:
             epoch=self._state.epoch,
             model=None,
             tokenizer=None,
+            constraints=None,
             model_name=None,
             model_path=None,
             backend_name=None,
@@ -679,6 +681,7 @@ class ModelManager:
             epoch=epoch,
             model=backend.info,
             tokenizer=backend.tokenizer,
+            constraints=compiler_for(backend.tokenizer, backend.info),
             model_name=plan.entry.name,
             model_path=plan.entry.path,
             backend_name=plan.backend.name,

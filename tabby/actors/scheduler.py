@@ -26,6 +26,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -35,6 +36,7 @@ from tabby.actors.backend_calls import (
     NO_STATS,
     apply_in_thread,
     as_tabby_error,
+    call_in_worker,
     step_in_thread,
 )
 from tabby.actors.health import HealthHandle
@@ -472,8 +474,8 @@ class GenerationScheduler:
             return
         to_cancel = set(self._to_cancel)
         self._to_cancel.clear()
-        outcomes, self._backend_stats = await trio.to_thread.run_sync(
-            apply_in_thread, backend, sorted(to_cancel), [s.job for s in new],
+        outcomes, self._backend_stats = await call_in_worker(
+            partial(apply_in_thread, backend, sorted(to_cancel), [s.job for s in new]),
             limiter=self._limiter,
         )
         for submit, outcome in zip(new, outcomes, strict=True):
@@ -495,8 +497,9 @@ class GenerationScheduler:
         live = [self._jobs.pop(j) for j in sorted(job_ids) if j in self._jobs]
         if not live:
             return
-        _, self._backend_stats = await trio.to_thread.run_sync(
-            apply_in_thread, backend, [j.job.job_id for j in live], [], limiter=self._limiter
+        _, self._backend_stats = await call_in_worker(
+            partial(apply_in_thread, backend, [j.job.job_id for j in live], []),
+            limiter=self._limiter,
         )
         for job in live:
             self._counters.cancelled += 1
@@ -508,8 +511,10 @@ class GenerationScheduler:
             self._finish(job, final)
 
     async def _step(self, backend: Backend) -> None:
-        results, has_work, self._backend_stats = await trio.to_thread.run_sync(
-            step_in_thread, backend, limiter=self._limiter
+        # Starts the step before the clients woken by the previous one run: their SSE
+        # work overlaps the step instead of delaying it.
+        results, has_work, self._backend_stats = await call_in_worker(
+            partial(step_in_thread, backend), limiter=self._limiter
         )
         self._counters.steps += 1
         if isinstance(results, Exception):
@@ -596,8 +601,9 @@ class GenerationScheduler:
         failed = list(self._jobs.values())
         self._jobs.clear()
         # The backend may still hold them: free their pages before anyone hears of it.
-        _, self._backend_stats = await trio.to_thread.run_sync(
-            apply_in_thread, backend, [f.job.job_id for f in failed], [], limiter=self._limiter
+        _, self._backend_stats = await call_in_worker(
+            partial(apply_in_thread, backend, [f.job.job_id for f in failed], []),
+            limiter=self._limiter,
         )
         for live in failed:
             self._counters.failed += 1

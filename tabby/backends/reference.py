@@ -163,13 +163,22 @@ def load(spec: LoadSpec, progress: ProgressCallback) -> ReferenceBackend:
     device = resolve_device(spec.device)
     dtype, int8 = resolve_dtype(spec.dtype, device)
     torch.set_num_threads(resolve_threads(spec.threads))
+    modules = [0]  # the module count the reader reports, for the final event
+
     def on_group(done: int, total: int) -> None:
+        modules[0] = total
         progress(LoadProgress("model", done, total))
+
+    def on_build(event: LoadProgress) -> None:
+        # One count for the whole stream: the final event reuses the reader's total.
+        if event.status == "finished" and modules[0]:
+            event = LoadProgress("model", modules[0], modules[0], "finished")
+        progress(event)
 
     ckpt = load_checkpoint(
         Path(spec.path), dtype=torch.float32 if int8 else dtype, progress=on_group
     )
-    return from_checkpoint(ckpt, spec, progress, device=device, dtype=dtype, int8=int8)
+    return from_checkpoint(ckpt, spec, on_build, device=device, dtype=dtype, int8=int8)
 
 
 def from_checkpoint(

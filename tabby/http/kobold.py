@@ -33,12 +33,11 @@ from typing import Any
 
 import attrs
 import quart
-import trio
 
 from tabby.actors.auth import presented_keys
 from tabby.actors.messages import Finished, TextChunk
 from tabby.errors import ContextLengthExceeded, InvalidRequest, NoModelLoaded
-from tabby.generation import GenerationPlan, PreparedPrompt
+from tabby.generation import GenerationPlan, PreparedPrompt, constraint_for
 from tabby.generation_run import ChoiceEvent, RunningGeneration, submit_all
 from tabby.http.app import request_id
 from tabby.http.auth import Permission, require
@@ -70,6 +69,7 @@ from tabby.model_settings import ServingState
 from tabby.openai_format import log_metrics, make_usage
 from tabby.presets import apply_preset
 from tabby.services import Services
+from tabby.structured import constrain_job
 from tabby.templating import strip_leading_bos
 from tabby.validation import FieldError
 
@@ -96,7 +96,7 @@ KOBOLDCPP_VERSION = "1.74"
 
 _V1_PREFIXES = ("/api/v1", "/api/latest")
 
-Events = trio.MemoryReceiveChannel[ChoiceEvent]
+Events = AsyncIterator[ChoiceEvent]
 
 
 def _json(value: object) -> dict[str, Any]:
@@ -194,7 +194,11 @@ def plan_generation(request: GenerateRequest, state: ServingState, rid: str) -> 
         )  # fmt: skip
         text = tokenizer.decode(fitted, decode_special=False)
     try:
-        job = request.build_job(job_id=rid, prompt_ids=fitted, max_seq_len=context)
+        job = constrain_job(
+            request.build_job(job_id=rid, prompt_ids=fitted, max_seq_len=context),
+            constraint_for(request, state),
+            state,
+        )
     except ContextLengthExceeded as exc:
         raise ContextLengthExceeded(exc.message, param="prompt") from None
     return GenerationPlan(

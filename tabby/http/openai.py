@@ -12,6 +12,13 @@ errors, before any stream starts), then answer:
   ``text``, the same ending. An error during the stream is one SSE error event and the
   end of the stream (``tabby.http.sse``).
 
+Chat answers are shaped per choice by ``tabby.http.tool_flow`` (modes in
+``tabby.chat_options``): ``reasoning_content`` split from ``content`` (streamed as
+``delta.reasoning_content``), and tool calls as ``message.tool_calls`` with
+``finish_reason: "tool_calls"``; streamed, the calls come whole in one last
+``delta.tool_calls`` chunk (each item with its ``index``). A choice that stops on the
+template's ``tool_start`` gets its constrained second pass before that chunk.
+
 A client that disconnects cancels the handler (non-streaming) or the stream body
 (streaming); either way every job's channel closes and the scheduler cancels the jobs.
 """
@@ -27,6 +34,7 @@ from typing import Any
 
 import attrs
 import quart
+import trio
 
 from tabby.actors.messages import Finished, TextChunk
 from tabby.errors import GenerationFailed
@@ -36,7 +44,6 @@ from tabby.generation import (
     plan_completion,
     serving_state_for,
     structure_request,
-    tool_calls_enabled,
 )
 from tabby.generation_run import ChoiceAccumulator, ChoiceEvent, RunningGeneration, submit_all
 from tabby.http.app import request_id
@@ -58,8 +65,10 @@ from tabby.http.schemas.openai_responses import (
     dump,
 )
 from tabby.http.sse import SSEItem, sse_response
+from tabby.http.tool_flow import ChoiceOutput, run_tool_pass
 from tabby.model_settings import ServingState
 from tabby.openai_format import chat_logprobs, completion_logprobs, log_metrics, make_usage
+from tabby.reasoning import ReasoningPart
 from tabby.services import Services
 
 __all__ = ["ROUTES", "TextChunkEncoder", "blueprint"]
@@ -127,17 +136,6 @@ def _finished(acc: ChoiceAccumulator) -> Finished:
     if acc.finished is None:
         raise GenerationFailed("a generation job ended without finishing")
     return acc.finished
-
-
-def _chat_message(request: ChatCompletionRequest, acc: ChoiceAccumulator) -> ChatResponseMessage:
-    """The answer of one choice.
-
-    HOOK (tools, reasoning): ``tabby.tools`` turns tool-tagged text into ``tool_calls``
-    (finish_reason ``tool_calls``) and ``tabby.reasoning`` splits off
-    ``reasoning_content`` here, when ``tool_calls_enabled(request)``.
-    """
-    _ = tool_calls_enabled(request)
-    return ChatResponseMessage(content=acc.text)
 
 
 async def _collect(running: RunningGeneration, count: int) -> list[ChoiceAccumulator]:
@@ -210,12 +208,30 @@ def _completion_response(ctx: _Context, choices: list[ChoiceAccumulator]) -> dic
 # -- chat -------------------------------------------------------------------------------
 
 
-async def _chat_events(
-    ctx: _Context, request: ChatCompletionRequest, events: Events
-) -> AsyncIterator[SSEItem]:
+def _with_extra_tokens(usage: Usage, outputs: list[ChoiceOutput]) -> Usage:
+    """Usage with the tokens of second (tool) passes added."""
+    extra = sum(out.extra_tokens for out in outputs)
+    if not extra:
+        return usage
+    return attrs.evolve(
+        usage,
+        completion_tokens=usage.completion_tokens + extra,
+        total_tokens=usage.total_tokens + extra,
+    )
+
+
+def _delta(part: ReasoningPart) -> ChatDelta | None:
+    if not part.reasoning and not part.content:
+        return None
+    return ChatDelta(content=part.content or None, reasoning_content=part.reasoning or None)
+
+
+async def _chat_events(ctx: _Context, services: Services, events: Events) -> AsyncIterator[SSEItem]:
     plan = ctx.plan
     rid, model = f"chatcmpl-{plan.request_id}", plan.model_name
     choices = [ChoiceAccumulator(i) for i in range(len(plan.jobs))]
+    outputs = [ChoiceOutput(plan.chat) for _ in plan.jobs]
+    plain = plan.chat is None or plan.chat.plain
 
     def chunk(choice: ChatChunkChoice) -> dict[str, Any]:
         out: dict[str, Any] = dump(ChatChunk(rid, ctx.created, model, [choice]))
@@ -229,48 +245,76 @@ async def _chat_events(
 
     for acc in choices:
         yield chunk(ChatChunkChoice(acc.index, ChatDelta(role="assistant", content="")))
-    _ = tool_calls_enabled(request)  # HOOK (tools): the streaming tag parser goes here
     async for item in events:
-        acc, event = choices[item.index], item.event
+        acc, event, out = choices[item.index], item.event, outputs[item.index]
         acc.add(event)
         if isinstance(event, TextChunk):
-            if ctx.logprobs and (event.text or event.logprobs):
+            lp = None
+            if ctx.logprobs and event.logprobs:
                 lp = chat_logprobs(event.logprobs, plan.tokenizer)
-                yield chunk(ChatChunkChoice(item.index, ChatDelta(content=event.text), logprobs=lp))
-            elif event.text:
-                yield text_chunk(item.index, event.text)
+            if plain and lp is None:
+                if event.text:
+                    yield text_chunk(item.index, event.text)
+                continue
+            delta = _delta(out.feed(event.text)) if not plain else ChatDelta(content=event.text)
+            if delta is not None or lp is not None:
+                yield chunk(ChatChunkChoice(item.index, delta or ChatDelta(), logprobs=lp))
         elif isinstance(event, Finished):
+            if out.wants_tool_pass(event):
+                await run_tool_pass(services.scheduler, plan, item.index, out)
+            delta = _delta(out.finish())
+            if delta is not None:
+                yield chunk(ChatChunkChoice(item.index, delta))
+            calls = [call.delta(i) for i, call in enumerate(out.calls)] or None
             yield chunk(
                 ChatChunkChoice(
-                    item.index, ChatDelta(), event.finish_reason, stop_str=event.stop_str
+                    item.index,
+                    ChatDelta(tool_calls=calls),
+                    out.finish_reason(event),
+                    stop_str=None if calls else event.stop_str,
                 )
             )
-    usage = ctx.usage_of(choices)
+    usage = _with_extra_tokens(ctx.usage_of(choices), outputs)
     if ctx.include_usage:
         yield dump(ChatChunk(rid, ctx.created, model, [], usage=usage))
     log_metrics(plan, usage, endpoint="chat")
     yield DONE
 
 
-def _chat_response(
-    ctx: _Context, request: ChatCompletionRequest, choices: list[ChoiceAccumulator]
+async def _chat_response(
+    ctx: _Context, services: Services, choices: list[ChoiceAccumulator]
 ) -> dict[str, Any]:
     plan = ctx.plan
-    usage = ctx.usage_of(choices)
-    log_metrics(plan, usage, endpoint="chat")
-    out = [
-        ChatChoice(
-            index=acc.index,
-            message=_chat_message(request, acc),
-            finish_reason=_finished(acc).finish_reason,
-            stop_str=_finished(acc).stop_str,
-            logprobs=chat_logprobs(acc.logprobs, plan.tokenizer) if ctx.logprobs else None,
+    outputs: list[ChoiceOutput] = []
+    out_choices: list[ChatChoice] = []
+    for acc in choices:
+        finished = _finished(acc)
+        out = ChoiceOutput(plan.chat)
+        out.feed(acc.text)
+        if out.wants_tool_pass(finished):
+            await run_tool_pass(services.scheduler, plan, acc.index, out)
+        out.finish()
+        outputs.append(out)
+        calls = [call.to_dict() for call in out.calls] or None
+        message = ChatResponseMessage(
+            content=out.message_content(),
+            reasoning_content=out.message_reasoning(),
+            tool_calls=calls,
         )
-        for acc in choices
-    ]
+        out_choices.append(
+            ChatChoice(
+                index=acc.index,
+                message=message,
+                finish_reason=out.finish_reason(finished),
+                stop_str=None if calls else finished.stop_str,
+                logprobs=chat_logprobs(acc.logprobs, plan.tokenizer) if ctx.logprobs else None,
+            )
+        )
+    usage = _with_extra_tokens(ctx.usage_of(choices), outputs)
+    log_metrics(plan, usage, endpoint="chat")
     body: dict[str, Any] = dump(
         ChatCompletionResponse(
-            f"chatcmpl-{plan.request_id}", ctx.created, plan.model_name, out, usage
+            f"chatcmpl-{plan.request_id}", ctx.created, plan.model_name, out_choices, usage
         )
     )
     return body
@@ -326,10 +370,13 @@ def blueprint(services: Services) -> quart.Blueprint:
         raw = await read_json()
         request = structure_request(raw, cls, _preset_state(services))
         state = await serving_state_for(services, request, permission)
+        rid = request_id()
+        # Planning may compile constraints (and, once per model, the constraint
+        # tokenizer): off the event loop.
         if isinstance(request, ChatCompletionRequest):
-            plan = plan_chat(request, state, request_id())
+            plan = await trio.to_thread.run_sync(plan_chat, request, state, rid)
         else:
-            plan = plan_completion(request, state, request_id())
+            plan = await trio.to_thread.run_sync(plan_completion, request, state, rid)
         _log_request(services, plan, request)
         ctx = _Context(
             plan=plan,
@@ -351,9 +398,9 @@ def blueprint(services: Services) -> quart.Blueprint:
 
     @bp.post("/v1/chat/completions")
     async def chat_completions() -> Any:
-        request, ctx, running = await start(ChatCompletionRequest)
+        _request, ctx, running = await start(ChatCompletionRequest)
         if ctx.stream:
-            return sse_response(_stream_body(running, lambda ev: _chat_events(ctx, request, ev)))
-        return _chat_response(ctx, request, await _collect(running, running.jobs))
+            return sse_response(_stream_body(running, lambda ev: _chat_events(ctx, services, ev)))
+        return await _chat_response(ctx, services, await _collect(running, running.jobs))
 
     return bp

@@ -3,6 +3,7 @@ real model."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import attrs
@@ -308,6 +309,30 @@ async def test_shutdown_ends_streams_with_an_error(health: HealthHandle) -> None
     assert received[-1].error.message == "server shutting down"
     with pytest.raises(ServiceUnavailable):
         await rig.handle.submit(job("b"))
+
+
+async def test_next_step_starts_before_the_clients_handle_the_last_one(
+    nursery: trio.Nursery, health: HealthHandle
+) -> None:
+    # The device must not idle while clients format what the previous step produced:
+    # when a client receives step 1's text, step 2 is already running in the worker.
+    steps_started = 0
+    second_step = threading.Event()
+
+    def before_step() -> None:
+        nonlocal steps_started
+        steps_started += 1
+        if steps_started == 2:
+            second_step.set()
+
+    rig = await start(nursery, health, ScriptedBackend(script="abc", before_step=before_step))
+    async with await rig.handle.submit(job("a")) as events:
+        first = await events.receive()
+        assert isinstance(first, TextChunk)
+        # Blocks the event loop on purpose: only a step already started can set it.
+        assert second_step.wait(timeout=5), "the next step waited for the client"
+        rest = [event async for event in events]
+    assert first.text + text_of(rest) == "abc"
 
 
 # -- with the real reference engine -----------------------------------------------------

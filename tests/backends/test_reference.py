@@ -56,6 +56,8 @@ def tiny(tiny_dir: Path) -> ReferenceBackend:
                             cache_size=1024, max_batch_size=4, chunk_size=16), events.append)
     assert events[-1] == LoadProgress("model", events[-1].modules, events[-1].modules, "finished")
     assert [e.module for e in events[:-1]] == sorted(e.module for e in events[:-1])
+    # One module count for the whole stream, so a progress bar ends where it started.
+    assert {e.modules for e in events} == {events[0].modules}
     return backend
 
 

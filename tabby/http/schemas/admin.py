@@ -242,7 +242,8 @@ class TokenEncodeRequest:
         validator=check(lambda t: isinstance(t, str) or len(t) > 0, "text or messages"),
         metadata=_doc(
             "Text, or chat messages rendered with the chat template "
-            "(add_generation_prompt false)."
+            "(add_generation_prompt false).",
+            "messages",
         ),
     )
     add_bos_token: bool = attrs.field(default=True, metadata=_doc("Prepend the BOS token."))

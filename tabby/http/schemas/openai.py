@@ -2,8 +2,8 @@
 
 Both compose :class:`tabby.sampling.SamplerParams` (every sampler field, alias and
 check) with the fields OpenAI clients send. Fields that OpenAI defines but tabby does
-not act on (``best_of``, ``echo``, ``suffix``, ``user``, ``parallel_tool_calls``,
-``prompt_template``) are accepted and ignored, so clients do not break. Checks that need
+not act on (``best_of``, ``echo``, ``suffix``, ``user``, ``prompt_template``) are
+accepted and ignored, so clients do not break. Checks that need
 the loaded model (context length, vision support, the chat template) happen later, in
 ``tabby.generation``.
 """
@@ -160,16 +160,17 @@ class ChatCompletionRequest(OpenAIRequest):
         metadata=_doc("Continue the last message in place (needs add_generation_prompt false)."),
     )
     tools: tuple[dict[str, Any], ...] | None = attrs.field(
-        default=None, metadata=_doc("Tools the model may call (passed to the template).")
+        default=None, metadata=_doc("Tools the model may call (also passed to the template).")
     )
     functions: tuple[dict[str, Any], ...] | None = attrs.field(
         default=None, metadata=_doc("Legacy function definitions (passed to the template).")
     )
     tool_choice: str | dict[str, Any] | None = attrs.field(
-        default=None, metadata=_doc('"none", "auto", "required" or a named function.')
+        default=None,
+        metadata=_doc('"none", "auto", "required" or a named function (enforced).'),
     )
     parallel_tool_calls: bool | None = attrs.field(
-        default=None, metadata=_doc("Accepted; ignored.")
+        default=None, metadata=_doc("false: at most one call per answer (default true).")
     )
     prompt_template: str | None = attrs.field(
         default=None, metadata=_doc("Accepted; ignored (the template belongs to the model).")
