@@ -24,11 +24,11 @@ from tabby.backends.exllama_common import (
     PAGE_SIZE,
     JobLimits,
     LibraryName,
-    LibraryTokenizer,
     job_limits,
     translate_results,
     unsupported_samplers,
 )
+from tabby.backends.exllama_tokenizer import LibraryTokenizer
 from tabby.errors import ContextLengthExceeded, NotSupported
 
 __all__ = ["LibraryBackend", "LibraryParts", "LiveJob", "free_vram", "unload_all"]

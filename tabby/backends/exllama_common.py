@@ -18,13 +18,11 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import importlib.util
-import json
 import logging
 import math
 import re
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
 
@@ -49,9 +47,7 @@ __all__ = [
     "ContextSize",
     "JobLimits",
     "LibraryName",
-    "LibraryTokenizer",
     "Placement",
-    "TokenizerFacts",
     "autosplit_reserve_bytes",
     "autosplit_reserve_gb",
     "check_runtime",
@@ -63,9 +59,9 @@ __all__ = [
     "parse_cache_mode_v2",
     "parse_cache_mode_v3",
     "placement",
-    "read_tokenizer_facts",
     "rope_alpha_auto",
     "round_up_to_page",
+    "rows_of",
     "size_context",
     "stop_conditions",
     "translate_results",
@@ -415,7 +411,7 @@ _FINISH: Mapping[str, tuple[FinishReason, StopReason | None]] = {
 }
 
 
-def _rows(value: Any) -> list[Any]:
+def rows_of(value: Any) -> list[Any]:
     """The first row of a ``(1, n[, k])`` tensor (or nested list) as plain Python lists."""
     data = value.tolist() if hasattr(value, "tolist") else value
     return list(data[0]) if data else []
@@ -428,11 +424,11 @@ def _logprob(p: float) -> float:
 
 
 def _logprobs(result: Mapping[str, Any], ids: list[int], pieces: PieceSource) -> list[TokenLogprob]:
-    probs = _rows(result["token_probs"]) if "token_probs" in result else []
+    probs = rows_of(result["token_probs"]) if "token_probs" in result else []
     if not probs:
         return []
-    top_ids = _rows(result["top_k_tokens"]) if "top_k_tokens" in result else []
-    top_ps = _rows(result["top_k_probs"]) if "top_k_probs" in result else []
+    top_ids = rows_of(result["top_k_tokens"]) if "top_k_tokens" in result else []
+    top_ps = rows_of(result["top_k_probs"]) if "top_k_probs" in result else []
     out: list[TokenLogprob] = []
     for i, (token, p) in enumerate(zip(ids, probs, strict=False)):
         top: tuple[tuple[int, str, float], ...] = ()
@@ -483,7 +479,7 @@ def translate_results(
         if stage == "error":
             entry.final = result
             continue
-        ids = [int(t) for t in _rows(result["token_ids"])] if "token_ids" in result else []
+        ids = [int(t) for t in rows_of(result["token_ids"])] if "token_ids" in result else []
         entry.text += str(result.get("text", ""))
         entry.token_ids += ids
         entry.logprobs += _logprobs(result, ids, pieces)
@@ -536,91 +532,6 @@ def _to_job_result(m: _Merged, context_bound: bool) -> JobResult:
 
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-# -- the tokenizer adapter ---------------------------------------------------------------
-
-
-class LibraryTokenizer:
-    """Our ``Tokenizer`` over an exllama tokenizer (the two share these methods).
-
-    ``encode(text, add_bos=, encode_special_tokens=)`` returns a ``(1, n)`` tensor;
-    ``decode(ids_2d, decode_special_tokens=)`` returns a string or a one-element list;
-    ``get_id_to_piece_list(True)`` gives every token's text.
-    """
-
-    def __init__(self, library_tokenizer: Any, *, vocab_size: int | None = None) -> None:
-        self.library = library_tokenizer
-        self._pieces: list[str] = list(library_tokenizer.get_id_to_piece_list(True))
-        self._vocab_size = vocab_size if vocab_size is not None else len(self._pieces)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    def encode(self, text: str, *, add_bos: bool = False, encode_special: bool = True) -> list[int]:
-        ids = self.library.encode(text, add_bos=add_bos, encode_special_tokens=encode_special)
-        return [int(t) for t in _rows(ids)]
-
-    def decode(self, ids: Sequence[int], *, decode_special: bool = True) -> str:
-        if not ids:
-            return ""
-        import torch
-
-        out = self.library.decode(
-            torch.tensor([list(ids)], dtype=torch.long), decode_special_tokens=decode_special
-        )
-        return str(out[0] if isinstance(out, list) else out)
-
-    def piece(self, token_id: int) -> str:
-        if 0 <= token_id < len(self._pieces):
-            return self._pieces[token_id]
-        return ""
-
-
-# -- model folder facts the libraries do not expose uniformly -----------------------------
-
-
-@attrs.frozen
-class TokenizerFacts:
-    """Special-token texts, BOS policy and chat template from ``tokenizer_config.json``."""
-
-    bos_token: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    unk_token: str | None = None
-    add_bos_token: bool = True
-    chat_template: str | None = None
-
-
-def _token_text(value: object) -> str | None:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def read_tokenizer_facts(model_dir: Path) -> TokenizerFacts:
-    """What ``tokenizer_config.json`` says (defaults when it is missing or unreadable)."""
-    path = model_dir / "tokenizer_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return TokenizerFacts()
-    if not isinstance(data, Mapping):
-        return TokenizerFacts()
-    template = data.get("chat_template")
-    if isinstance(template, list):
-        # Several named templates: the one called "default" is the chat template.
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
-    return TokenizerFacts(
-        bos_token=_token_text(data.get("bos_token")),
-        eos_token=_token_text(data.get("eos_token")),
-        pad_token=_token_text(data.get("pad_token")),
-        unk_token=_token_text(data.get("unk_token")),
-        add_bos_token=bool(data.get("add_bos_token", True)),
-        chat_template=template if isinstance(template, str) else None,
-    )
 
 
 def chunk_size_for(requested: int) -> int:

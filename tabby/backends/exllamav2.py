@@ -38,7 +38,6 @@ from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
     JobLimits,
     LibraryName,
-    LibraryTokenizer,
     autosplit_reserve_bytes,
     check_runtime,
     chunk_size_for,
@@ -47,10 +46,10 @@ from tabby.backends.exllama_common import (
     import_library,
     parse_cache_mode_v2,
     placement,
-    read_tokenizer_facts,
     rope_alpha_auto,
     size_context,
 )
+from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import Conflict, ConstraintError, NotSupported
 
 __all__ = [

@@ -32,7 +32,6 @@ from tabby.backends.exllama_common import (
     CacheBits,
     JobLimits,
     LibraryName,
-    LibraryTokenizer,
     Placement,
     autosplit_reserve_gb,
     check_runtime,
@@ -42,9 +41,9 @@ from tabby.backends.exllama_common import (
     import_library,
     parse_cache_mode_v3,
     placement,
-    read_tokenizer_facts,
     size_context,
 )
+from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import ConstraintError, NotSupported
 
 __all__ = [

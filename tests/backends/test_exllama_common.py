@@ -16,7 +16,6 @@ from tabby.backends.exllama_common import (
     LOGPROB_FLOOR,
     CacheBits,
     ContextSize,
-    LibraryTokenizer,
     Placement,
     autosplit_reserve_bytes,
     autosplit_reserve_gb,
@@ -27,13 +26,13 @@ from tabby.backends.exllama_common import (
     parse_cache_mode_v2,
     parse_cache_mode_v3,
     placement,
-    read_tokenizer_facts,
     rope_alpha_auto,
     size_context,
     stop_conditions,
     translate_results,
     unsupported_samplers,
 )
+from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest
 from tabby.testing.tiny import make_tiny_hf, tiny_tokenizer
 

@@ -237,7 +237,7 @@ class _LibTok:
 
 def _backend() -> tuple[v3.ExLlamaV3Backend, _Generator, _Unloadable]:
     from tabby.backends.base import ModelInfo
-    from tabby.backends.exllama_common import LibraryTokenizer
+    from tabby.backends.exllama_tokenizer import LibraryTokenizer
 
     gen, model = _Generator(), _Unloadable()
     info = ModelInfo(name="m", backend="exllamav3", max_seq_len=512, vocab_size=320,
