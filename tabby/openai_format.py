@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from tabby.backends.base import Tokenizer, TokenLogprob
+from tabby.config.schema import LoggingConfig
 from tabby.generation import GenerationPlan
 from tabby.generation_run import ChoiceAccumulator
 from tabby.http.schemas.openai_responses import (
@@ -21,8 +22,9 @@ from tabby.http.schemas.openai_responses import (
     TopLogprob,
     Usage,
 )
+from tabby.sampling import SamplerParams
 
-__all__ = ["chat_logprobs", "completion_logprobs", "log_metrics", "make_usage"]
+__all__ = ["chat_logprobs", "completion_logprobs", "log_metrics", "log_request", "make_usage"]
 
 log = logging.getLogger("tabby.metrics")
 
@@ -61,6 +63,28 @@ def make_usage(
         else INDETERMINATE,
         total_time=round(total_time, 3),
     )
+
+
+def log_request(
+    logging_config: LoggingConfig, plan: GenerationPlan, request: SamplerParams
+) -> None:
+    """The ``log_prompt`` / ``log_generation_params`` lines, and samplers with no effect."""
+    request_log = logging.getLogger("tabby.requests")
+    if logging_config.log_prompt:
+        for i, prompt in enumerate(plan.prompts):
+            request_log.info("prompt %s[%d]: %s", plan.request_id, i, prompt.text)
+    if logging_config.log_generation_params:
+        job = plan.jobs[0]
+        request_log.info(
+            "generation %s: max_new_tokens=%d min_new_tokens=%d seed=%s stop=%r sampler=%r",
+            plan.request_id, job.max_new_tokens, job.min_new_tokens, job.seed,
+            job.stop_strings + tuple(str(i) for i in job.stop_token_ids), job.sampler,
+        )  # fmt: skip
+    ignored = request.ineffective_fields()
+    if ignored:
+        request_log.warning(
+            "request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored)
+        )
 
 
 def log_metrics(plan: GenerationPlan, usage: Usage, *, endpoint: str) -> None:

@@ -66,7 +66,7 @@ from tabby.http.schemas.kobold import (
 from tabby.http.schemas.openai_responses import dump
 from tabby.http.sse import SSEEvent, SSEItem, sse_response
 from tabby.model_settings import ServingState
-from tabby.openai_format import log_metrics, make_usage
+from tabby.openai_format import log_metrics, log_request, make_usage
 from tabby.presets import apply_preset
 from tabby.services import Services
 from tabby.structured import constrain_job
@@ -282,7 +282,7 @@ class KoboldService:
                 f"invalid request: {exc.field}: {exc.message}", param=exc.field
             ) from None
         plan = plan_generation(resolved, state, rid)
-        self._log_request(plan, resolved)
+        log_request(self._services.config.logging, plan, resolved)
         generation = self.genkeys.start(request.genkey or rid, plan.jobs[0].job_id, caller)
         try:
             running = await submit_all(self._services.scheduler, plan)
@@ -293,23 +293,6 @@ class KoboldService:
             self.genkeys.finish(generation)
             raise
         return _Started(plan, generation, running, time.perf_counter())
-
-    def _log_request(self, plan: GenerationPlan, request: GenerateRequest) -> None:
-        logging_config = self._services.config.logging
-        if logging_config.log_prompt:
-            log.info("prompt %s: %s", plan.request_id, plan.prompts[0].text)
-        if logging_config.log_generation_params:
-            job = plan.jobs[0]
-            log.info(
-                "generation %s: max_new_tokens=%d min_new_tokens=%d seed=%s stop=%r sampler=%r",
-                plan.request_id, job.max_new_tokens, job.min_new_tokens, job.seed,
-                job.stop_strings + tuple(str(i) for i in job.stop_token_ids), job.sampler,
-            )  # fmt: skip
-        ignored = request.ineffective_fields()
-        if ignored:
-            log.warning(
-                "request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored)
-            )
 
     def _done(self, started: _Started) -> None:
         """The generation is over (finished, failed or abandoned): forget it, log it."""

@@ -50,7 +50,7 @@ from tabby.http.app import request_id
 from tabby.http.auth import Permission, require
 from tabby.http.body import read_json
 from tabby.http.openapi import Route
-from tabby.http.schemas.openai import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from tabby.http.schemas.openai import ChatCompletionRequest, CompletionRequest
 from tabby.http.schemas.openai_responses import (
     ChatChoice,
     ChatChunk,
@@ -67,7 +67,13 @@ from tabby.http.schemas.openai_responses import (
 from tabby.http.sse import SSEItem, sse_response
 from tabby.http.tool_flow import ChoiceOutput, run_tool_pass
 from tabby.model_settings import ServingState
-from tabby.openai_format import chat_logprobs, completion_logprobs, log_metrics, make_usage
+from tabby.openai_format import (
+    chat_logprobs,
+    completion_logprobs,
+    log_metrics,
+    log_request,
+    make_usage,
+)
 from tabby.reasoning import ReasoningPart
 from tabby.services import Services
 
@@ -323,23 +329,6 @@ async def _chat_response(
 # -- shared -----------------------------------------------------------------------------
 
 
-def _log_request(services: Services, plan: GenerationPlan, request: OpenAIRequest) -> None:
-    logging_config = services.config.logging
-    if logging_config.log_prompt:
-        for i, prompt in enumerate(plan.prompts):
-            log.info("prompt %s[%d]: %s", plan.request_id, i, prompt.text)
-    if logging_config.log_generation_params:
-        job = plan.jobs[0]
-        log.info(
-            "generation %s: max_new_tokens=%d min_new_tokens=%d seed=%s stop=%r sampler=%r",
-            plan.request_id, job.max_new_tokens, job.min_new_tokens, job.seed,
-            job.stop_strings + tuple(str(i) for i in job.stop_token_ids), job.sampler,
-        )  # fmt: skip
-    ignored = request.ineffective_fields()
-    if ignored:
-        log.warning("request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored))
-
-
 def _stream_body(
     running: RunningGeneration, make: Callable[[Events], AsyncIterator[SSEItem]]
 ) -> AbstractAsyncContextManager[AsyncIterator[SSEItem]]:
@@ -377,7 +366,7 @@ def blueprint(services: Services) -> quart.Blueprint:
             plan = await trio.to_thread.run_sync(plan_chat, request, state, rid)
         else:
             plan = await trio.to_thread.run_sync(plan_completion, request, state, rid)
-        _log_request(services, plan, request)
+        log_request(services.config.logging, plan, request)
         ctx = _Context(
             plan=plan,
             stream=request.stream and not config.developer.disable_request_streaming,
