@@ -15,6 +15,11 @@ scheduler (drain, or cancel with ``skip_queue``), close the old backend, load th
 in a worker thread streaming ``LoadProgress``, attach it, publish the new state. A
 failed load leaves no model (the previous one is already gone), a health problem that the
 next successful load clears, and a :class:`LoadFailed` event for the caller.
+
+The module is one actor: its messages, the actor and its handle (about a third of it
+docstrings). Planning, listing and the load operations already live in
+``model_planning``, ``model_listing`` and ``model_loading``; the handle stays here
+because it builds this module's messages, and moving it out would make an import cycle.
 """
 
 from __future__ import annotations
