@@ -28,6 +28,10 @@ reused) and one masker per job::
     masker = compiler.masker(spec, reasoning_end="</think>")  # only after the tag
     job = GenerationJob(..., constraint=spec, masker=masker)
 
+A backend whose tokenizer is not a Hugging Face one makes its compiler from the model's
+``tokenizer.json`` text: ``ConstraintCompiler.from_tokenizer_json(text, eos_ids=...,
+vocab_size=...)``.
+
 :class:`LLGuidanceMasker` implements ``tabby.backends.base.TokenMasker``; ``allowed()``
 returns a bool tensor over the logits (True = may be sampled), which the engine's
 sampler applies with one ``masked_fill_``. EOS is allowed only while the constraint is
@@ -51,6 +55,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from tabby.backends.base import ConstraintSpec
+from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import ConstraintError
 
 if TYPE_CHECKING:
@@ -239,6 +244,20 @@ class ConstraintCompiler:
         self._vocab_size = vocab_size
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_tokenizer_json(
+        cls, tokenizer_json: str, *, eos_ids: Sequence[int], vocab_size: int | None = None
+    ) -> ConstraintCompiler:
+        """A compiler from a model's ``tokenizer.json`` text alone.
+
+        For backends whose own tokenizer is not a Hugging Face one (the exllama
+        libraries'): the text becomes an ``EngineTokenizer``, which supplies both the
+        Hugging Face tokenizer and the token bytes. That walks the whole vocabulary, so
+        make one per loaded model (the llguidance tokenizer is still built on first use).
+        """
+        source = EngineTokenizer(HFTokenizer.from_str(tokenizer_json))
+        return cls(source, eos_ids=eos_ids, vocab_size=vocab_size)
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:

@@ -4,24 +4,23 @@ A compatibility backend (the library has had no release since 0.3.2). As in the
 exllamav3 adapter, the library is imported only by :func:`load`, and every decision is a
 pure function tested without a GPU: ``sampler_settings_fields``, ``build_token_bias``,
 ``job_kwargs``, ``decide_paging``, ``cache_class_name``. Constraints go through a small
-``ExLlamaV2Filter`` subclass over llguidance whose logic lives in :class:`GuidanceState`
-(testable with llguidance alone); the subclass is made when the library is loaded.
+``ExLlamaV2Filter`` subclass whose logic lives in :class:`GuidanceState`, a view of a
+masker from the model's :class:`~tabby.constraints.ConstraintCompiler` (made at load,
+owned by the backend; testable with llguidance alone); the subclass is made when the
+library is loaded.
 One module, as the library's job, sampler, filter and loader form one adapter.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
 import attrs
-import llguidance
-import llguidance.numpy as llnp
-import numpy as np
 
 from tabby.backends.base import (
     Capabilities,
@@ -50,7 +49,8 @@ from tabby.backends.exllama_common import (
     size_context,
 )
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
-from tabby.errors import Conflict, ConstraintError, NotSupported
+from tabby.constraints import ConstraintCompiler, request_field
+from tabby.errors import Conflict, NotSupported
 
 __all__ = [
     "SUPPORTED_SAMPLERS",
@@ -59,7 +59,6 @@ __all__ = [
     "build_token_bias",
     "cache_class_name",
     "check",
-    "compile_grammar",
     "decide_paging",
     "job_kwargs",
     "load",
@@ -209,58 +208,50 @@ def cache_class_name(mode: str) -> str:
 # -- constraints over llguidance (pure; the library filter class wraps this) -----------------
 
 
-@functools.lru_cache(maxsize=4)
-def _ll_tokenizer(tokenizer_json: str, eos_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
-    # Building it walks the whole vocabulary (~1 s for 150k tokens): once per model.
-    return llguidance.LLTokenizer(tokenizer_json, eos_token=list(eos_ids) or None)
-
-
-def compile_grammar(
-    constraint: ConstraintSpec, tokenizer_json: str, eos_ids: Sequence[int]
-) -> tuple[llguidance.LLTokenizer, str]:
-    """The llguidance tokenizer and a validated grammar; a bad one is a 400."""
-    kind = "lark" if constraint.kind == "lark" else constraint.kind
-    grammar = llguidance.grammar_from(kind, constraint.source)
-    lltok = _ll_tokenizer(tokenizer_json, tuple(eos_ids))
-    problem = llguidance.LLMatcher.validate_grammar(grammar, lltok)
-    if problem:
-        raise ConstraintError(f"invalid {constraint.kind}: {problem}", param="constraint")
-    return lltok, grammar
-
-
 class GuidanceState:
-    """One job's constraint: the begin/feed/next protocol of ``ExLlamaV2Filter``."""
+    """One job's constraint: the begin/feed/next protocol of ``ExLlamaV2Filter``.
 
-    def __init__(self, lltok: llguidance.LLTokenizer, grammar: str, eos_ids: Sequence[int]) -> None:
-        self._matcher = llguidance.LLMatcher(lltok, grammar)
-        self._vocab = lltok.vocab_size
+    A thin view of a :class:`~tabby.constraints.LLGuidanceMasker` from the model's
+    compiler; an invalid spec raises ``ConstraintError`` (400) here, before the job.
+    """
+
+    def __init__(
+        self, compiler: ConstraintCompiler, spec: ConstraintSpec, eos_ids: Sequence[int]
+    ) -> None:
+        self._compiler = compiler
+        self._spec = spec
         self._eos = tuple(eos_ids)
-        self._mask = llnp.allocate_token_bitmask(1, self._vocab)
+        self._masker = compiler.masker(spec)
+        self._fed: list[int] = []  # what the masker consumed, to rebuild it in a clone
 
     def begin(self) -> None:
-        self._matcher.reset()
+        if self._fed:  # a used state starts over on a fresh matcher
+            self._masker = self._compiler.masker(self._spec)
+            self._fed.clear()
 
     def feed(self, token_id: int) -> None:
-        if not self._matcher.is_stopped():
-            self._matcher.consume_token(token_id)
+        # The generator feeds the token that ended the job too; a stopped matcher has
+        # nothing left to match it against.
+        if not self._masker.is_finished():
+            self._masker.consume(token_id)
+            self._fed.append(token_id)
 
     def error(self) -> str | None:
-        return self._matcher.get_error() if self._matcher.is_error() else None
-
-    def allowed(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        """A boolean row over the vocabulary: which tokens may come next."""
-        llnp.fill_next_token_bitmask(self._matcher, self._mask, 0)
-        words = self._mask[0].view(np.uint32)
-        bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
-        row: np.ndarray[Any, np.dtype[np.bool_]] = bits.reshape(-1)[: self._vocab].astype(bool)
-        return row
+        return self._masker.error
 
     def next(self) -> tuple[set[int], set[int]]:
         """(tokens allowed next, tokens that complete the constraint)."""
-        allowed = {int(i) for i in np.flatnonzero(self.allowed())}
-        done = self._matcher.is_accepting() or self._matcher.is_stopped()
-        end = {t for t in self._eos if t in allowed} if done else set()
-        return allowed, end
+        mask = self._masker.allowed()
+        allowed: set[int] = set() if mask is None else set(mask.nonzero().flatten().tolist())
+        # The masker allows EOS exactly while the constraint is satisfied.
+        return allowed, {t for t in self._eos if t in allowed}
+
+    def clone(self) -> GuidanceState:
+        """The same constraint at the same point, on its own matcher."""
+        twin = GuidanceState(self._compiler, self._spec, self._eos)
+        for token_id in self._fed:
+            twin.feed(token_id)
+        return twin
 
 
 def make_filter_class(base: type) -> type:
@@ -272,7 +263,8 @@ def make_filter_class(base: type) -> type:
             self.state = state
 
         def clone(self, c: Any = None) -> Any:
-            raise NotImplementedError("constraint filters are not shared between jobs")
+            # The library copies a job's filters this way; each copy needs its own matcher.
+            return type(self)(self.model, self.tokenizer, self.state.clone())
 
         def begin(self, prefix_str: str = "") -> None:
             self.state.begin()
@@ -300,8 +292,9 @@ class _Parts:
     model: Any
     cache: Any
     generator: Any
-    tokenizer_json: str
     filter_class: type
+    # Made once per loaded model; None when the folder has no tokenizer.json.
+    constraints: ConstraintCompiler | None
     draft_model: Any = None
     vision: Any = None
     loras: list[Any] = attrs.field(factory=list)
@@ -326,8 +319,11 @@ class ExLlamaV2Backend(LibraryBackend[_Parts]):
         )
         filters = []
         if job.constraint is not None:
-            lltok, grammar = compile_grammar(job.constraint, parts.tokenizer_json, self._eos)
-            state = GuidanceState(lltok, grammar, self._eos)
+            if parts.constraints is None:
+                raise NotSupported(
+                    "constraints need the model's tokenizer.json", param=request_field(job.constraint)
+                )
+            state = GuidanceState(parts.constraints, job.constraint, self._eos)
             filters.append(parts.filter_class(parts.model, self._tokenizer.library, state))
         kwargs = job_kwargs(
             job, limits=limits, eos_ids=self._eos, gen_settings=settings, filters=filters,
@@ -426,6 +422,18 @@ def _eos_ids(config: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def _constraint_compiler(
+    model_dir: Path, eos_ids: Sequence[int], vocab_size: int
+) -> ConstraintCompiler | None:
+    """The model's constraint compiler (older SentencePiece-only folders have none)."""
+    try:
+        text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        log.warning("%s has no tokenizer.json: constrained generation is off", model_dir)
+        return None
+    return ConstraintCompiler.from_tokenizer_json(text, eos_ids=eos_ids, vocab_size=vocab_size)
+
+
 def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV2Backend:
     """Load an exllamav2 model folder (blocking; run it in a worker thread)."""
     lib = import_library(NAME)
@@ -480,8 +488,8 @@ def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV2Backend:
         unload_all(loaded)
         free_vram()
         raise
-    tokenizer_json = (spec.path / "tokenizer.json").read_text(encoding="utf-8")
     eos = _eos_ids(config)
+    compiler = _constraint_compiler(spec.path, eos, int(config.vocab_size))
     facts = read_tokenizer_facts(spec.path)
     adapter = LibraryTokenizer(tokenizer)
     info = ModelInfo(
@@ -495,8 +503,8 @@ def load(spec: LoadSpec, progress: ProgressCallback) -> ExLlamaV2Backend:
                                   draft=draft_model is not None),
         path=str(spec.path),
     )
-    parts = _Parts(lib, gen_mod, int(config.vocab_size), model, cache, generator, tokenizer_json,
-                   make_filter_class(filters_mod.ExLlamaV2Filter), draft_model, vision)
+    parts = _Parts(lib, gen_mod, int(config.vocab_size), model, cache, generator,
+                   make_filter_class(filters_mod.ExLlamaV2Filter), compiler, draft_model, vision)
     backend = ExLlamaV2Backend(parts, adapter, info)
     if spec.loras:
         backend.set_loras(spec.loras)

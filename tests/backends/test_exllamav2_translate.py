@@ -13,6 +13,7 @@ import torch
 from tabby.backends import exllamav2 as v2
 from tabby.backends.base import ConstraintSpec, GenerationJob, LoadSpec, SamplerSettings
 from tabby.backends.exllama_common import JobLimits, unsupported_samplers
+from tabby.constraints import ConstraintCompiler
 from tabby.errors import BackendUnavailable, ConstraintError, InvalidRequest, NotSupported
 from tabby.testing.tiny import tiny_tokenizer
 
@@ -119,20 +120,22 @@ EOS_ID = 2
 
 
 @pytest.fixture(scope="module")
-def tokenizer_json() -> str:
-    return str(tiny_tokenizer().to_str())
+def compiler() -> ConstraintCompiler:
+    # wider than the 320-token vocabulary, as exllamav2's padded logits are
+    return ConstraintCompiler.from_tokenizer_json(
+        tiny_tokenizer().to_str(), eos_ids=[EOS_ID], vocab_size=352
+    )
 
 
-def _state(tokenizer_json: str, kind: Any, source: str) -> v2.GuidanceState:
-    lltok, grammar = v2.compile_grammar(ConstraintSpec(kind, source), tokenizer_json, [EOS_ID])
-    state = v2.GuidanceState(lltok, grammar, [EOS_ID])
+def _state(compiler: ConstraintCompiler, kind: Any, source: str) -> v2.GuidanceState:
+    state = v2.GuidanceState(compiler, ConstraintSpec(kind, source), [EOS_ID])
     state.begin()
     return state
 
 
-def test_regex_filter_next_and_end(tokenizer_json: str) -> None:
+def test_regex_filter_next_and_end(compiler: ConstraintCompiler) -> None:
     tok = tiny_tokenizer()
-    state = _state(tokenizer_json, "regex", "[a-c]{3}")
+    state = _state(compiler, "regex", "[a-c]{3}")
     allowed, end = state.next()
     assert {tok.id_to_token(t) for t in allowed} == {"a", "b", "c"}
     assert end == set()
@@ -150,9 +153,9 @@ def test_regex_filter_next_and_end(tokenizer_json: str) -> None:
     assert {tok.id_to_token(t) for t in state.next()[0]} == {"a", "b", "c"}
 
 
-def test_json_schema_filter(tokenizer_json: str) -> None:
+def test_json_schema_filter(compiler: ConstraintCompiler) -> None:
     tok = tiny_tokenizer()
-    state = _state(tokenizer_json, "json_schema", '{"type": "integer"}')
+    state = _state(compiler, "json_schema", '{"type": "integer"}')
     allowed, _ = state.next()
     pieces = {tok.decode([t]) for t in allowed}
     assert "7" in pieces
@@ -164,39 +167,64 @@ def test_json_schema_filter(tokenizer_json: str) -> None:
     assert end == {EOS_ID}
 
 
-def test_bad_grammar_is_a_400(tokenizer_json: str) -> None:
+def test_bad_grammar_is_a_400(compiler: ConstraintCompiler) -> None:
     with pytest.raises(ConstraintError, match="nosuch"):
-        v2.compile_grammar(ConstraintSpec("json_schema", '{"type": "nosuch"}'), tokenizer_json, [EOS_ID])
+        v2.GuidanceState(compiler, ConstraintSpec("json_schema", '{"type": "nosuch"}'), [EOS_ID])
     with pytest.raises(ConstraintError):
-        v2.compile_grammar(ConstraintSpec("regex", "(unclosed"), tokenizer_json, [EOS_ID])
+        v2.GuidanceState(compiler, ConstraintSpec("regex", "(unclosed"), [EOS_ID])
 
 
-def test_filter_class_over_a_base() -> None:
+def test_clone_continues_on_its_own_matcher(compiler: ConstraintCompiler) -> None:
+    tok = tiny_tokenizer()
+    abc = {tok.token_to_id(ch) for ch in "abc"}
+    state = _state(compiler, "regex", "[a-c]{3}")
+    state.feed(tok.token_to_id("a"))
+    twin = state.clone()
+    assert twin is not state
+    assert twin.next() == (abc, set())  # at the same point as the original
+    for ch in "bc":
+        twin.feed(tok.token_to_id(ch))
+    assert twin.next() == ({EOS_ID}, {EOS_ID})
+    assert state.next() == (abc, set())  # the original did not move
+    state.feed(tok.token_to_id("b"))
+    assert state.next() == (abc, set())
+
+
+def test_filter_class_over_a_base(compiler: ConstraintCompiler) -> None:
     class Base:
         def __init__(self, model: object, tokenizer: object) -> None:
             self.model, self.tokenizer = model, tokenizer
 
-    calls: list[Any] = []
-
-    class State:
-        def begin(self) -> None:
-            calls.append("begin")
-
-        def feed(self, t: int) -> None:
-            calls.append(t)
-
-        def next(self) -> tuple[set[int], set[int]]:
-            return {1}, set()
-
+    tok = tiny_tokenizer()
+    a, b = tok.token_to_id("a"), tok.token_to_id("b")
     cls = v2.make_filter_class(Base)
-    f: Any = cls("M", "T", State())
+    f: Any = cls("M", "T", v2.GuidanceState(compiler, ConstraintSpec("regex", "ab"), [EOS_ID]))
     assert f.model == "M"
-    f.begin("")
-    f.feed(torch.tensor(5))
-    assert f.next() == ({1}, set())
-    assert calls == ["begin", 5]
     assert f.use_background_worker()
+    f.begin("")
+    assert f.next() == ({a}, set())
+    f.feed(torch.tensor(a))
+    assert f.next() == ({b}, set())
+    copy: Any = f.clone()
+    assert (copy.model, copy.tokenizer) == ("M", "T")
+    assert copy.state is not f.state
+    copy.feed(torch.tensor(b))
+    assert copy.next() == ({EOS_ID}, {EOS_ID})
+    assert f.next() == ({b}, set())
+    copy.begin("")  # a copy restarts like any filter
+    assert copy.next() == ({a}, set())
+    # last: these narrow the names for the type checker
+    assert type(copy) is cls
     assert isinstance(f, Base)
+
+
+def test_compiler_is_made_from_the_model_folder(tmp_path: Path) -> None:
+    assert v2._constraint_compiler(tmp_path, [EOS_ID], 352) is None  # no tokenizer.json
+    (tmp_path / "tokenizer.json").write_text(tiny_tokenizer().to_str(), encoding="utf-8")
+    made = v2._constraint_compiler(tmp_path, [EOS_ID], 352)
+    assert made is not None
+    assert made.ll_tokenizer().vocab_size == 320
+    assert made.ll_tokenizer().eos_tokens == [EOS_ID]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
