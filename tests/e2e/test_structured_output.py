@@ -18,11 +18,8 @@ import openai
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 
-from tabby.config import NetworkConfig, TabbyConfig
-from tabby.config.schema import EmbeddingsConfig, ModelConfigSection
-from tabby.server import ServerInfo, serve
+from tests.conftest import start_smollm2
 
-REPO = Path(__file__).resolve().parents[2]
 ASK: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Describe a cat called Tom as JSON."}
 ]
@@ -42,21 +39,8 @@ LARK = 'start: "[" NUM (", " NUM)~0..2 "]"\nNUM: /[1-9][0-9]?/'
 GBNF = 'root ::= "The answer is " ("yes" | "no") "."'
 
 
-async def start_server(nursery: trio.Nursery, base: Path) -> ServerInfo:
-    config = TabbyConfig(
-        network=NetworkConfig(host="127.0.0.1", port=0, disable_auth=True, shutdown_grace=1.0),
-        model=ModelConfigSection(templates_dir=str(REPO / "templates")),
-        embeddings=EmbeddingsConfig(embedding_model_name=None),
-        base_dir=base,
-    )
-    info: ServerInfo = await nursery.start(
-        lambda task_status: serve(config, quiet=True, task_status=task_status)
-    )
-    return info
-
-
 async def test_structured_output(nursery: trio.Nursery, tmp_path: Path) -> None:
-    info = await start_server(nursery, tmp_path)
+    info = await start_smollm2(nursery, tmp_path)
     client = openai.AsyncOpenAI(base_url=info.urls[0] + "/v1", api_key="unused", max_retries=0)
 
     async def chat(

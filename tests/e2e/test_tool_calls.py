@@ -20,12 +20,9 @@ import openai
 import trio
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tabby.config import NetworkConfig, TabbyConfig
-from tabby.config.schema import EmbeddingsConfig, ModelConfigSection
-from tabby.server import ServerInfo, serve
 from tabby.tools import reassemble
+from tests.conftest import start_smollm2
 
-REPO = Path(__file__).resolve().parents[2]
 WEATHER_PARAMS: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -78,19 +75,6 @@ FOLLOW_UP: list[ChatCompletionMessageParam] = [
 ]
 
 
-async def start_server(nursery: trio.Nursery, base: Path, **model: Any) -> ServerInfo:
-    config = TabbyConfig(
-        network=NetworkConfig(host="127.0.0.1", port=0, disable_auth=True, shutdown_grace=1.0),
-        model=ModelConfigSection(templates_dir=str(REPO / "templates"), **model),
-        embeddings=EmbeddingsConfig(embedding_model_name=None),
-        base_dir=base,
-    )
-    info: ServerInfo = await nursery.start(
-        lambda task_status: serve(config, quiet=True, task_status=task_status)
-    )
-    return info
-
-
 def check_calls(calls: list[dict[str, Any]], names: set[str]) -> None:
     assert calls
     for call in calls:
@@ -110,7 +94,7 @@ def without_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_tool_calls(nursery: trio.Nursery, tmp_path: Path) -> None:
-    info = await start_server(nursery, tmp_path, prompt_template="tool_calls/chatml_with_tools")
+    info = await start_smollm2(nursery, tmp_path, prompt_template="tool_calls/chatml_with_tools")
     client = openai.AsyncOpenAI(base_url=info.urls[0] + "/v1", api_key="unused", max_retries=0)
 
     async def forced(choice: Any, seed: int, **extra: Any) -> Any:

