@@ -66,7 +66,6 @@ __all__ = [
     "render_chat_prompt",
     "serving_state_for",
     "structure_request",
-    "tool_calls_enabled",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,11 +135,6 @@ def constraint_for(
     ``{}`` is no constraint; see :mod:`tabby.structured`.
     """
     return _constraint_for(request, state)
-
-
-def tool_calls_enabled(request: ChatCompletionRequest) -> bool:
-    """Whether the request offers tools that the model may call."""
-    return bool(request.tools) and request.tool_choice != "none"
 
 
 # -- prompts and jobs -------------------------------------------------------------------

@@ -17,7 +17,7 @@ and the usage figures for both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 
@@ -63,7 +63,10 @@ class RunningGeneration:
         self._stack.callback(self.close)
         if len(self._channels) == 1:
             # Nothing to merge: skip the forwarding task (one hop less per token).
-            return _single(self._channels[0])
+            single = _single(self._channels[0])
+            # Closed on exit, not left suspended for the garbage collector to finalize.
+            self._stack.push_async_callback(single.aclose)
+            return single
         merged_send, merged_receive = trio.open_memory_channel[ChoiceEvent](MERGE_BUFFER)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._stack.callback(nursery.cancel_scope.cancel)
@@ -82,7 +85,9 @@ class RunningGeneration:
         await self._stack.aclose()
 
 
-async def _single(events: trio.MemoryReceiveChannel[JobEvent]) -> AsyncIterator[ChoiceEvent]:
+async def _single(
+    events: trio.MemoryReceiveChannel[JobEvent],
+) -> AsyncGenerator[ChoiceEvent, None]:
     async for event in events:
         yield ChoiceEvent(0, event)
 

@@ -332,8 +332,7 @@ class GenerationScheduler:
     def statistics(self) -> SchedulerStats:
         stats = self._backend_stats
         now = trio.current_time()
-        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
-            self._rate.popleft()
+        self._trim_rate(now)
         window_tokens = sum(n for _, n in self._rate)
         span = (now - self._rate[0][0]) if self._rate else 0.0
         rate = window_tokens / max(span, 1e-3) if window_tokens else 0.0
@@ -358,6 +357,10 @@ class GenerationScheduler:
             jobs_cancelled=c.cancelled,
             jobs_rejected=c.rejected,
         )
+
+    def _trim_rate(self, now: float) -> None:
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
 
     async def run(
         self, *, task_status: trio.TaskStatus[SchedulerHandle] = trio.TASK_STATUS_IGNORED
@@ -527,7 +530,10 @@ class GenerationScheduler:
             self._route(result)
         if tokens:
             self._counters.tokens += tokens
-            self._rate.append((trio.current_time(), tokens))
+            now = trio.current_time()
+            self._rate.append((now, tokens))
+            # Trimmed here too: nobody may ask for statistics while a server runs for days.
+            self._trim_rate(now)
         if not has_work and self._jobs:
             # The backend forgot jobs without finishing them; never spin on them.
             error = GenerationFailed("the backend dropped the job without finishing it")

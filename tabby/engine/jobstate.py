@@ -68,7 +68,8 @@ class JobState:
     job: GenerationJob
     tokenizer: TextSource
     ids: list[int]
-    history: Tensor  # [max_total] int64: the ids, for the sampler's penalties
+    # [max_total] int64: the ids again, only for a sampler that reads them (penalties, DRY)
+    history: Tensor | None
     prompt_len: int
     max_total: int
     stop_ids: frozenset[int]
@@ -97,8 +98,19 @@ class JobState:
             for s in job.sampler.dry_sequence_breakers
             if (ids := tokenizer.encode(s, encode_special=False))
         )
-        history = torch.zeros(len(job.prompt_ids) + job.max_new_tokens, dtype=torch.int64)
-        history[: len(job.prompt_ids)] = torch.tensor(job.prompt_ids, dtype=torch.int64)
+        sampler = SamplingState.create(
+            job.sampler,
+            vocab_size=min(vocab_size, tokenizer.vocab_size),
+            eos_ids=stop_ids,
+            seed=job.seed,
+            min_new_tokens=job.min_new_tokens,
+            masker=job.masker,
+            breaker_ids=breakers,
+        )
+        history = None
+        if sampler.needs_history:
+            history = torch.zeros(len(job.prompt_ids) + job.max_new_tokens, dtype=torch.int64)
+            history[: len(job.prompt_ids)] = torch.tensor(job.prompt_ids, dtype=torch.int64)
         return cls(
             job=job,
             tokenizer=tokenizer,
@@ -109,15 +121,7 @@ class JobState:
             stop_ids=frozenset(stop_ids),
             enqueued_at=time.perf_counter(),
             decoder=tokenizer.stream_decoder(decode_special=True),
-            sampler=SamplingState.create(
-                job.sampler,
-                vocab_size=min(vocab_size, tokenizer.vocab_size),
-                eos_ids=stop_ids,
-                seed=job.seed,
-                min_new_tokens=job.min_new_tokens,
-                masker=job.masker,
-                breaker_ids=breakers,
-            ),
+            sampler=sampler,
             banned=BannedStringChecker(job.banned_strings),
             stops=StopChecker(job.stop_strings),
         )
@@ -133,14 +137,17 @@ class JobState:
         if self.first_token_at is None:
             self.first_token_at = now
         t = pick.token
-        self.history[len(self.ids)] = t
+        if self.history is not None:
+            self.history[len(self.ids)] = t
         self.ids.append(t)
         masker = self.job.masker
         if masker is not None:
             masker.consume(t)
         if t in self.stop_ids:
             return self._end("stop", "stop_token", self.tokenizer.piece(t), now)
-        self.held_logprobs.append(pick.logprob)
+        if self.job.logprobs:
+            # Kept in step with the tokens the banned-string checker holds back.
+            self.held_logprobs.append(pick.logprob)
         verdict = self.banned.feed(t, self.decoder.push([t]))
         if verdict.rewind:
             self._rewind(verdict.rewind)
@@ -160,6 +167,8 @@ class JobState:
         return JobResult(self.job.job_id, hit.text, verdict.tokens, lps)
 
     def _take_logprobs(self, n: int) -> tuple[TokenLogprob, ...]:
+        if not self.held_logprobs:
+            return ()
         out, self.held_logprobs = self.held_logprobs[:n], self.held_logprobs[n:]
         return tuple(lp for lp in out if lp is not None)
 
@@ -168,7 +177,7 @@ class JobState:
         rollback = getattr(self.job.masker, "rollback", None)
         if callable(rollback):
             rollback(n)
-        del self.held_logprobs[len(self.held_logprobs) - n :]
+        del self.held_logprobs[max(0, len(self.held_logprobs) - n) :]
         self.rewind_to = keep
         # The decoder's partial UTF-8 state is rebuilt from the tokens that stay.
         self.decoder = self.tokenizer.stream_decoder(decode_special=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from tabby.backends.base import TokenLogprob
@@ -21,7 +22,7 @@ def pick_tokens(logits: Tensor, rows: Sequence[int], states: Sequence[JobState])
     out = sample(
         sub,
         [s.sampler for s in states],
-        [s.history[: len(s.ids)] for s in states],
+        _histories(states),
         [s.generated for s in states],
         want,
         extra_bans=[s.banned_now() for s in states],
@@ -35,3 +36,10 @@ def pick_tokens(logits: Tensor, rows: Sequence[int], states: Sequence[JobState])
             lp = TokenLogprob(t, piece(t), out.logprobs[r], top)
         picks.append(Pick(t, lp))
     return picks
+
+
+def _histories(states: Sequence[JobState]) -> list[Tensor]:
+    """Each job's ids so far; empty for jobs whose sampler never reads them (and that
+    keep no copy, see ``JobState.history``)."""
+    unread = torch.empty(0, dtype=torch.int64)
+    return [unread if s.history is None else s.history[: len(s.ids)] for s in states]

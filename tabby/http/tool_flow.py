@@ -107,10 +107,10 @@ class ChoiceOutput:
         """Release what was held back and settle the calls."""
         options = self._options
         if options.tools == "forced":
-            self.calls = tool_calls(calls_from_constrained(self.raw_text))
+            text = self.raw_text
+            self.calls = tool_calls(calls_from_constrained(text))
             if self.calls:
                 return ReasoningPart()
-            text = self.raw_text
             self.content.append(text)
             return ReasoningPart("", text)
         reasoning = content = ""
