@@ -9,9 +9,11 @@ key. Every change goes through the ModelManager, which owns the state.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import quart
+import trio
 
 from tabby.errors import InvalidRequest, TabbyError
 from tabby.generation import render_chat
@@ -179,7 +181,8 @@ def _add_token_routes(bp: quart.Blueprint, services: Services) -> None:
         """Tokenize text or chat messages."""
         await require(Permission.API)
         body = await parse_body(TokenEncodeRequest)
-        tokens = encode_tokens(body, loaded_state(services))
+        # Rendering and tokenizing a long conversation is CPU work: off the event loop.
+        tokens = await trio.to_thread.run_sync(encode_tokens, body, loaded_state(services))
         return to_json(TokenEncodeResponse(tokens=tokens, length=len(tokens)))
 
     @bp.post("/v1/token/decode")
@@ -197,7 +200,11 @@ def _add_token_routes(bp: quart.Blueprint, services: Services) -> None:
                     f"token id {token} is outside the vocabulary (0 to {vocab - 1})",
                     param=f"tokens[{i}]",
                 )
-        text = tokenizer.decode(body.tokens, decode_special=body.decode_special_tokens)
+        text = await trio.to_thread.run_sync(
+            functools.partial(
+                tokenizer.decode, body.tokens, decode_special=body.decode_special_tokens
+            )
+        )
         return to_json(TokenDecodeResponse(text=text))
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 import quart
+import trio
 
 from tabby.actors.auth import presented_keys
 from tabby.actors.messages import Finished, TextChunk
@@ -281,7 +282,8 @@ class KoboldService:
             raise InvalidRequest(
                 f"invalid request: {exc.field}: {exc.message}", param=exc.field
             ) from None
-        plan = plan_generation(resolved, state, rid)
+        # Tokenizing (and trimming) the prompt and compiling a constraint is CPU work.
+        plan = await trio.to_thread.run_sync(plan_generation, resolved, state, rid)
         log_request(self._services.config.logging, plan, resolved)
         generation = self.genkeys.start(request.genkey or rid, plan.jobs[0].job_id, caller)
         try:
