@@ -18,6 +18,10 @@ route each result to its job's reply channel with ``send_nowait``, repeat.
 * A backend exception fails only the jobs it concerns (an ``enqueue`` error: that job;
   a ``step`` error: every job of that step), is reported to the HealthMonitor, and the
   scheduler keeps serving; the problem clears after a few successful steps.
+
+The module is one actor: its messages, the loop and its handle (much of it docstrings);
+the worker-thread calls already live in ``backend_calls``. The handle stays here because
+it builds this module's messages, and moving it out would make an import cycle.
 """
 
 from __future__ import annotations
