@@ -24,6 +24,7 @@ import quart
 from quart_trio import QuartTrio
 
 from tabby.http.errors import install_error_handlers
+from tabby.http.keepalive import SSEKeepAlive
 from tabby.logs import ACCESS_LOGGER, access_line, redact_body, redact_headers
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ def create_app(
             app.register_blueprint(module.blueprint(services))
     for extra in extra_blueprints:
         app.register_blueprint(extra)
+    app.asgi_app = SSEKeepAlive(  # type: ignore[method-assign]
+        app.asgi_app, config.network.sse_ping_interval
+    )
     return app
 
 

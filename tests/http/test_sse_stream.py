@@ -63,7 +63,7 @@ def stream_blueprint(probe: Probe) -> quart.Blueprint:
     @bp.get("/t/count")
     async def count() -> quart.Response:
         pause = float(quart.request.args.get("pause", "0"))
-        return sse_response(counted(3, pause), ping_interval=0.05 if pause else None)
+        return sse_response(counted(3, pause))
 
     @bp.get("/t/fail")
     async def fail() -> quart.Response:
@@ -115,7 +115,9 @@ async def test_events_and_headers(live_server: StartServer) -> None:
 
 
 async def test_pings_while_waiting(live_server: StartServer) -> None:
-    server = await live_server(extra_blueprints=[stream_blueprint(Probe())])
+    server = await live_server(
+        extra_blueprints=[stream_blueprint(Probe())], network={"sse_ping_interval": 0.05}
+    )
     async with server.client() as client:
         _, text = await read_stream(client, "/t/count?pause=0.2")
     events = [block for block in text.split("\n\n") if block]
@@ -127,6 +129,16 @@ async def test_pings_while_waiting(live_server: StartServer) -> None:
         "data: [DONE]",
     ]
     assert events.count(": ping") >= 3  # one 0.05 s ping interval at least per 0.2 s pause
+
+
+async def test_no_pings_while_events_flow(live_server: StartServer) -> None:
+    server = await live_server(
+        extra_blueprints=[stream_blueprint(Probe())], network={"sse_ping_interval": 0.5}
+    )
+    async with server.client() as client:
+        _, text = await read_stream(client, "/t/count?pause=0.05")
+    assert ": ping" not in text
+    assert text.endswith("data: [DONE]\n\n")  # nothing after the last event either
 
 
 async def test_error_mid_stream_ends_with_error_event(live_server: StartServer) -> None:
