@@ -160,14 +160,31 @@ class LibraryBackend(abc.ABC, Generic[PartsT]):
             context_bound=lambda job_id: self._live[job_id].limits.context_bound,
         )
         self._last_batch = 0
+        finished: list[str] = []
         for result in results:
             if result.token_ids:
                 self._last_batch += 1
                 self._generated += len(result.token_ids)
                 self._live[result.job_id].tokens += len(result.token_ids)
             if result.finished:
-                self._by_job.pop(id(self._live.pop(result.job_id).job), None)
+                live = self._live.pop(result.job_id)
+                self._by_job.pop(id(live.job), None)
+                if result.stop_reason == "stop_token" and self._constraint_finished(live.job):
+                    finished.append(result.job_id)
+        if finished:
+            # The constraint had nothing left to match, so EOS was all it allowed: the
+            # job ended on its constraint, as the reference engine reports it.
+            results = [
+                attrs.evolve(r, stop_reason="constraint", stop_str=None)
+                if r.job_id in finished
+                else r
+                for r in results
+            ]
         return results
+
+    def _constraint_finished(self, library_job: object) -> bool:
+        """Whether the job's constraint has matched completely (adapters that can tell)."""
+        return False
 
     def has_work(self) -> bool:
         return self._parts is not None and bool(self._parts.generator.num_remaining_jobs())

@@ -508,7 +508,11 @@ def _to_job_result(m: _Merged, context_bound: bool) -> JobResult:
         # Held text of a stop string that never completed is output: release it.
         held = final.get("held")
         if isinstance(held, Mapping):
-            text += str(held.get("text", ""))
+            held_text = str(held.get("text", ""))
+            # exllamav2 holds the stop token's own piece too: it is not output.
+            if stop_str and held_text.endswith(stop_str):
+                held_text = held_text[: -len(stop_str)]
+            text += held_text
     elif reason == "stop_string":
         stop_str = _opt_str(final.get("eos_triggering_string"))
     stats = JobStats(

@@ -239,6 +239,10 @@ class GuidanceState:
     def error(self) -> str | None:
         return self._masker.error
 
+    def finished(self) -> bool:
+        """Nothing is left to match: only EOS may follow."""
+        return self._masker.is_finished()
+
     def next(self) -> tuple[set[int], set[int]]:
         """(tokens allowed next, tokens that complete the constraint)."""
         mask = self._masker.allowed()
@@ -330,6 +334,15 @@ class ExLlamaV2Backend(LibraryBackend[_Parts]):
             embeddings=job.embeddings,
         )
         return parts.gen.ExLlamaV2DynamicJob(**kwargs)
+
+    def _constraint_finished(self, library_job: object) -> bool:
+        # exllamav2 checks stop tokens before its filters, so a constraint that ends on
+        # EOS reports "stop_token"; the filter's matcher says whether it was complete.
+        filters = getattr(library_job, "filters", None) or ()
+        return any(
+            isinstance(getattr(f, "state", None), GuidanceState) and f.state.finished()
+            for f in filters
+        )
 
     def set_loras(self, loras: Sequence[LoraSpec]) -> None:
         """Replace the active LoRAs; only while no job is queued (the generator asserts)."""

@@ -208,6 +208,18 @@ def test_stop_token_releases_held_text() -> None:
     assert result.stop_reason == "stop_token"
 
 
+def test_stop_token_piece_in_held_text_is_not_output() -> None:
+    # exllamav2 adds the stop token's piece to its held text before it checks stop tokens.
+    results = [
+        {"stage": "streaming", "eos": False, "identifier": "a", "text": "bb", "token_ids": torch.tensor([[3]])},
+        _final(eos_reason="stop_token", eos_triggering_token_str="<|im_end|>",
+               held={"text": "#<|im_end|>", "token_ids": torch.tensor([[9, 2]])}),
+    ]
+    (result,) = _translate(results)
+    assert result.text == "bb#"
+    assert result.stop_str == "<|im_end|>"
+
+
 def test_results_after_eos_are_ignored() -> None:
     results = [_final(eos_reason="max_new_tokens", text="a", token_ids=torch.tensor([[1]])),
                {"stage": "streaming", "eos": False, "identifier": "a", "text": "late"}]

@@ -144,7 +144,9 @@ def test_regex_filter_next_and_end(compiler: ConstraintCompiler) -> None:
     allowed, end = state.next()
     assert {tok.id_to_token(t) for t in allowed} == {"a", "b", "c"}
     assert end == set()
+    assert not state.finished()
     state.feed(tok.token_to_id("c"))
+    assert state.finished()  # the backend then reports the job's end as "constraint"
     allowed, end = state.next()
     assert allowed == {EOS_ID}
     assert end == {EOS_ID}
