@@ -6,7 +6,9 @@ included) to the event loop, so nothing raised in the thread escapes unclassifie
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -18,9 +20,9 @@ from tabby.errors import GenerationFailed, TabbyError
 
 __all__ = [
     "NO_STATS",
+    "WorkerCalls",
     "apply_in_thread",
     "as_tabby_error",
-    "call_in_worker",
     "stats_of",
     "step_in_thread",
 ]
@@ -30,44 +32,68 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-async def call_in_worker(fn: Callable[[], R], *, limiter: trio.CapacityLimiter) -> R:
-    """Run ``fn`` in a worker thread that starts before this task yields.
+class WorkerCalls:
+    """One caller's calls into the backend, each in a worker thread.
 
-    ``trio.to_thread.run_sync`` checkpoints before its thread starts, so every task the
-    scheduler just woke (the clients it routed a step's text to, which then format and
-    send it) runs first while the device idles. Starting the thread synchronously lets
-    the next step overlap that work instead. Like ``to_thread.run_sync`` it holds
-    ``limiter`` for the call and waits for the thread even when cancelled (the backend
-    must never be left mid-call); a cancellation surfaces at the next checkpoint.
+    A call's thread starts before the caller yields: ``trio.to_thread.run_sync``
+    checkpoints first, so every task the scheduler just woke (the clients it routed a
+    step's text to, which then format and send it) would run while the device idles;
+    starting the thread synchronously lets the next step overlap that work instead.
+
+    The finished thread wakes the caller by writing one byte to a socket pair the
+    caller waits on: one pass of trio's loop instead of ``run_sync_soon``'s entry-queue
+    task and callback (about 80 µs less per call on a 2-core machine, with the event
+    loop's caches cold after a step). Like ``to_thread.run_sync`` a call holds
+    ``limiter`` and waits for its thread even when cancelled (the backend must never be
+    left mid-call); a cancellation surfaces at the next checkpoint. Calls from one
+    object are sequential (one task owns it).
     """
-    # Not a yield unless cancelled: a cancelled caller must not start another call.
-    await trio.lowlevel.checkpoint_if_cancelled()
-    borrower = object()
-    try:
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    except trio.WouldBlock:
-        await limiter.acquire_on_behalf_of(borrower)
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
 
-    def deliver(result: outcome.Outcome[R]) -> None:
-        def wake() -> None:
-            limiter.release_on_behalf_of(borrower)
-            trio.lowlevel.reschedule(task, result)
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # made at first use
 
-        token.run_sync_soon(wake)
+    def close(self) -> None:
+        if self._wake is not None:
+            for sock in self._wake:
+                sock.close()
+            self._wake = None
 
-    try:
-        trio.lowlevel.start_thread_soon(fn, deliver, name="tabby backend call")
-    except BaseException:
-        limiter.release_on_behalf_of(borrower)
-        raise
+    def _wake_pair(self) -> tuple[socket.socket, socket.socket]:
+        if self._wake is None:
+            receive, send = socket.socketpair()
+            receive.setblocking(False)
+            send.setblocking(False)
+            self._wake = (receive, send)
+        return self._wake
 
-    def refuse_abort(_: object) -> trio.lowlevel.Abort:
-        return trio.lowlevel.Abort.FAILED
+    async def __call__(self, fn: Callable[[], R]) -> R:
+        # Not a yield unless cancelled: a cancelled caller must not start another call.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        borrower = object()
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await self._limiter.acquire_on_behalf_of(borrower)
+        wake_receive, wake_send = self._wake_pair()
+        done: list[outcome.Outcome[R]] = []
 
-    result: R = await trio.lowlevel.wait_task_rescheduled(refuse_abort)
-    return result
+        def deliver(result: outcome.Outcome[R]) -> None:
+            done.append(result)
+            with contextlib.suppress(BlockingIOError):  # a wake-up byte is pending already
+                wake_send.send(b"\0")
+
+        try:
+            trio.lowlevel.start_thread_soon(fn, deliver, name="tabby backend call")
+            with trio.CancelScope(shield=True):
+                while not done:
+                    await trio.lowlevel.wait_readable(wake_receive)
+                    with contextlib.suppress(BlockingIOError):
+                        wake_receive.recv(64)
+        finally:
+            self._limiter.release_on_behalf_of(borrower)
+        return done[0].unwrap()
+
 
 def as_tabby_error(exc: Exception, doing: str) -> TabbyError:
     if isinstance(exc, TabbyError):

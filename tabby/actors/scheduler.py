@@ -38,9 +38,9 @@ import trio
 
 from tabby.actors.backend_calls import (
     NO_STATS,
+    WorkerCalls,
     apply_in_thread,
     as_tabby_error,
-    call_in_worker,
     step_in_thread,
 )
 from tabby.actors.health import HealthHandle
@@ -312,7 +312,7 @@ class GenerationScheduler:
         self._max_queued = max_queued
         self._health = health
         # One worker thread at a time per device: two steps never touch one model.
-        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(1)
+        self._calls = WorkerCalls(limiter if limiter is not None else trio.CapacityLimiter(1))
         self._inbox_send, self._inbox = trio.open_memory_channel[SchedulerMessage](INBOX_BUFFER)
         self._backend: Backend | None = None
         self._epoch = 0
@@ -376,6 +376,7 @@ class GenerationScheduler:
                 await self._serve()
         finally:
             self._shut_down()
+            self._calls.close()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -481,9 +482,8 @@ class GenerationScheduler:
             return
         to_cancel = set(self._to_cancel)
         self._to_cancel.clear()
-        outcomes, self._backend_stats = await call_in_worker(
-            partial(apply_in_thread, backend, sorted(to_cancel), [s.job for s in new]),
-            limiter=self._limiter,
+        outcomes, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, sorted(to_cancel), [s.job for s in new])
         )
         for submit, outcome in zip(new, outcomes, strict=True):
             if outcome is None:
@@ -504,9 +504,8 @@ class GenerationScheduler:
         live = [self._jobs.pop(j) for j in sorted(job_ids) if j in self._jobs]
         if not live:
             return
-        _, self._backend_stats = await call_in_worker(
-            partial(apply_in_thread, backend, [j.job.job_id for j in live], []),
-            limiter=self._limiter,
+        _, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, [j.job.job_id for j in live], [])
         )
         for job in live:
             self._counters.cancelled += 1
@@ -520,8 +519,8 @@ class GenerationScheduler:
     async def _step(self, backend: Backend) -> None:
         # Starts the step before the clients woken by the previous one run: their SSE
         # work overlaps the step instead of delaying it.
-        results, has_work, self._backend_stats = await call_in_worker(
-            partial(step_in_thread, backend), limiter=self._limiter
+        results, has_work, self._backend_stats = await self._calls(
+            partial(step_in_thread, backend)
         )
         self._counters.steps += 1
         if isinstance(results, Exception):
@@ -611,9 +610,8 @@ class GenerationScheduler:
         failed = list(self._jobs.values())
         self._jobs.clear()
         # The backend may still hold them: free their pages before anyone hears of it.
-        _, self._backend_stats = await call_in_worker(
-            partial(apply_in_thread, backend, [f.job.job_id for f in failed], []),
-            limiter=self._limiter,
+        _, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, [f.job.job_id for f in failed], [])
         )
         for live in failed:
             self._counters.failed += 1
