@@ -12,7 +12,8 @@ tokens/s over the whole run, and the decode-phase aggregate (tokens streamed onc
 client has its first token, over that time), which is what ``bench/engine.py``
 measures for the engine alone. ``--engine-check`` then measures the engine's own
 aggregate at batch 8 in this process, right after each 8-client run (same machine
-conditions), and prints each pair and the ratio of the bests (requirement: ≥ 0.95).
+conditions), and prints each pair, the median of the pairs' ratios and the ratio of the
+bests (requirement: ≥ 0.95).
 ``--url`` benchmarks a server that is already running instead. With ``--repeats`` the
 best run of each client count is kept (as in bench/engine.py: other work on a shared
 machine only ever makes a run slower).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -231,6 +233,10 @@ def main() -> None:
     pairs: list[tuple[float, float]] = []
     try:
         trio.run(run_load, url, 1, 4, 0)  # warm-up
+        if engine is not None:
+            # First runs at batch 8 on both sides pay one-time costs (allocator, caches).
+            trio.run(run_load, url, 8, 16, 0)
+            engine_decode(engine, 8, 16, 0)
         for salt, clients in enumerate(counts, start=1):
             runs = []
             for r in range(args.repeats):
@@ -248,11 +254,15 @@ def main() -> None:
     show(rows, f"{args.backend} backend via HTTP ({args.new_tokens} tokens per stream)")
     if pairs:
         best_http, best_engine = max(h for h, _ in pairs), max(e for _, e in pairs)
+        ratios = sorted(h / e for h, e in pairs)
         print(f"\nengine alone, batch 8 (threads={args.threads}): {best_engine:.1f} tok/s")
         print("pairs (HTTP decode, engine alone):",
               ", ".join(f"{h:.0f}/{e:.0f}={h / e:.3f}" for h, e in pairs))
-        print(f"HTTP decode tok/s at 8 clients / engine (best of each): "
-              f"{best_http / best_engine:.3f} (requirement ≥ 0.95)")
+        # Each pair saw the same machine conditions; the median pair is the figure least
+        # moved by other work on a shared machine.
+        print(f"HTTP decode tok/s at 8 clients / engine alone: median of {len(pairs)} pairs "
+              f"{statistics.median(ratios):.3f}, best of each {best_http / best_engine:.3f} "
+              f"(requirement ≥ 0.95)")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -197,7 +197,7 @@ async def _serve(
         device_limiter = trio.CapacityLimiter(1)
         # The embedder loads first: transformers' first import is not thread-safe, and
         # the reference engine's load would otherwise race it.
-        embedder = await nursery.start(embedder_from_config(config).run)
+        embedder = await nursery.start(embedder_from_config(config, health).run)
         downloader = await nursery.start(downloader_from_config(config).run)
         scheduler = await nursery.start(
             GenerationScheduler(

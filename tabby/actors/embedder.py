@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
+from tabby.actors.health import HealthHandle
 from tabby.backends.infinity import (
     INSTALL_HINT,
     Embeddings,
@@ -54,6 +55,7 @@ T = TypeVar("T")
 
 # Requests wait here while a model loads; beyond this, callers queue on send().
 INBOX_BUFFER = 64
+HEALTH_SOURCE = "embedder"
 EngineFactory = Callable[[str, Path, str], InfinityEngine]
 _Future = concurrent.futures.Future[tuple[list[Any], int]]
 
@@ -187,7 +189,9 @@ class Embedder:
         model_name: str | None,
         device: str = "cpu",
         engine_factory: EngineFactory = InfinityEngine.load,
+        health: HealthHandle | None = None,
     ) -> None:
+        self._health = health
         self._model_dir = model_dir
         self._startup_model = model_name
         self._device = device
@@ -240,8 +244,11 @@ class Embedder:
             await self._load(name, self._device)
         except TabbyError as error:
             # The rest of the server works without embeddings; the error stays visible
-            # in the log and in the 503s of the embeddings endpoints.
+            # in the log, on /health until a model loads, and in the embeddings 503s.
             log.error("embedding model %r not loaded: %s", name, error.message)
+            if self._health is not None:
+                problem = f"embedding model {name!r} not loaded: {error.message}"
+                self._health.report(HEALTH_SOURCE, "startup", problem)
 
     async def _handle(self, message: EmbedderMessage) -> None:
         if isinstance(message, Embed):
@@ -291,6 +298,8 @@ class Embedder:
         log.info("loading embedding model %s from %s on %s", name, path, device)
         self._engine = await trio.to_thread.run_sync(self._factory, name, path, device)
         self._loads += 1
+        if self._health is not None:
+            self._health.clear(HEALTH_SOURCE, "startup")
 
     async def _drop_engine(self) -> None:
         engine, self._engine = self._engine, None
@@ -302,13 +311,14 @@ class Embedder:
             log.info("embedding model %s unloaded", engine.name)
 
 
-def embedder_from_config(config: TabbyConfig) -> Embedder:
+def embedder_from_config(config: TabbyConfig, health: HealthHandle | None = None) -> Embedder:
     """The Embedder for ``config``'s ``[embeddings]`` table."""
     section = config.embeddings
     return Embedder(
         model_dir=config.resolve(section.embedding_model_dir),
         model_name=section.embedding_model_name,
         device=section.embeddings_device,
+        health=health,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tabby.actors.embedder import Embedder, EmbedderHandle
+from tabby.actors.health import HealthMonitor
 from tabby.backends.infinity import (
     EMBEDDED_MODEL_NAME,
     await_future,
@@ -152,3 +153,18 @@ async def test_no_model_configured(nursery: trio.Nursery, tmp_path: Path) -> Non
     assert "other-model" in await handle.list_models()
     with pytest.raises(ServiceUnavailable):
         await handle.embed(["x"])
+
+
+async def test_startup_failure_is_a_health_problem_until_a_model_loads(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    health = await nursery.start(HealthMonitor().run)
+    actor = Embedder(model_dir=tmp_path, model_name="no-such-model", device="cpu", health=health)
+    handle = await nursery.start(actor.run)
+    report = await health.get()
+    assert not report.healthy
+    (problem,) = report.problems
+    assert (problem.source, problem.key) == ("embedder", "startup")
+    assert "no-such-model" in problem.description
+    assert await handle.load(EMBEDDED_MODEL_NAME) == EMBEDDED_MODEL_NAME
+    assert (await health.get()).healthy
