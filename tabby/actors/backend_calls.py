@@ -52,6 +52,7 @@ class WorkerCalls:
     def __init__(self, limiter: trio.CapacityLimiter) -> None:
         self._limiter = limiter
         self._wake: tuple[socket.socket, socket.socket] | None = None  # made at first use
+        self._signalled = False  # set by the worker thread through signal()
 
     def close(self) -> None:
         if self._wake is not None:
@@ -67,7 +68,18 @@ class WorkerCalls:
             self._wake = (receive, send)
         return self._wake
 
-    async def __call__(self, fn: Callable[[], R]) -> R:
+    def signal(self) -> None:
+        """From the worker thread, during a call: run the call's ``on_signal`` now."""
+        self._signalled = True
+        _, wake_send = self._wake_pair()
+        with contextlib.suppress(BlockingIOError):  # a wake-up byte is pending already
+            wake_send.send(b"\0")
+
+    async def __call__(
+        self, fn: Callable[[], R], *, on_signal: Callable[[], None] | None = None
+    ) -> R:
+        """Run ``fn`` in a worker thread; ``on_signal`` runs here (on the event loop) when
+        the thread calls :meth:`signal`, or after ``fn`` returns if it never did."""
         # Not a yield unless cancelled: a cancelled caller must not start another call.
         await trio.lowlevel.checkpoint_if_cancelled()
         borrower = object()
@@ -83,6 +95,8 @@ class WorkerCalls:
             with contextlib.suppress(BlockingIOError):  # a wake-up byte is pending already
                 wake_send.send(b"\0")
 
+        self._signalled = False
+        failure: Exception | None = None
         try:
             trio.lowlevel.start_thread_soon(fn, deliver, name="tabby backend call")
             with trio.CancelScope(shield=True):
@@ -90,8 +104,19 @@ class WorkerCalls:
                     await trio.lowlevel.wait_readable(wake_receive)
                     with contextlib.suppress(BlockingIOError):
                         wake_receive.recv(64)
+                    if on_signal is not None and self._signalled:
+                        run = on_signal
+                        on_signal = None
+                        try:
+                            run()
+                        except Exception as exc:  # raised once the thread is done
+                            failure = exc
         finally:
             self._limiter.release_on_behalf_of(borrower)
+        if failure is not None:
+            raise failure
+        if on_signal is not None:
+            on_signal()
         return done[0].unwrap()
 
 
@@ -124,11 +149,30 @@ def apply_in_thread(
     return outcomes, stats_of(backend)
 
 
-def step_in_thread(backend: Backend) -> tuple[list[JobResult] | Exception, bool, BackendStats]:
+def step_in_thread(
+    backend: Backend, handoff: Callable[[], None] | None = None
+) -> tuple[list[JobResult] | Exception, bool, BackendStats]:
+    """One step; ``handoff`` is called exactly once: at the backend's hand-off point
+    (:class:`~tabby.backends.base.HandoffStep`), else before the step."""
+    handed = False
+
+    def hand_off_once() -> None:
+        nonlocal handed
+        if not handed and handoff is not None:
+            handed = True
+            handoff()
+
+    step_with_handoff = getattr(backend, "step_with_handoff", None)
     try:
-        results: list[JobResult] | Exception = backend.step()
+        if step_with_handoff is not None:
+            results: list[JobResult] | Exception = step_with_handoff(hand_off_once)
+        else:
+            hand_off_once()
+            results = backend.step()
     except Exception as exc:
         results = exc
+    finally:
+        hand_off_once()  # a step with nothing to run, or one that failed, never got there
     try:
         has_work = backend.has_work()
     except Exception:

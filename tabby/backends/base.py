@@ -35,6 +35,7 @@ __all__ = [
     "DraftSpec",
     "FinishReason",
     "GenerationJob",
+    "HandoffStep",
     "JobResult",
     "JobStats",
     "LoadProgress",
@@ -255,6 +256,17 @@ class Backend(Protocol):
     def statistics(self) -> BackendStats: ...
 
     def close(self) -> None: ...
+
+
+class HandoffStep(Protocol):
+    """A backend whose step has a hand-off point: ``handoff()`` is called once per step,
+    right before a long native computation that needs no Python (the reference engine:
+    its LM head), so the event loop's work done then does not stall the step's Python
+    between kernels. The GenerationScheduler sends the previous step's text to the
+    clients at that point when many streams run (see ``tabby.actors.scheduler``).
+    """
+
+    def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]: ...
 
 
 @attrs.frozen

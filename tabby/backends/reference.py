@@ -23,6 +23,7 @@ Defaults, chosen by measurement on a 2-core AVX-512-bf16 CPU with SmolLM2-135M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,6 +128,11 @@ class ReferenceBackend:
 
     def step(self) -> list[JobResult]:
         return self._gen.step()
+
+    def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+        # The LM head is a fifth of the weights in one int8 kernel: milliseconds with
+        # no Python, where the event loop's work does not hold the engine up.
+        return self._gen.step(before_head=handoff)
 
     def has_work(self) -> bool:
         return self._gen.has_work()

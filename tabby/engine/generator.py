@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -130,8 +130,12 @@ class Generator:
         self._waiting.clear()
 
     @torch.inference_mode()
-    def step(self) -> list[JobResult]:
-        """One forward pass for every live job; results for the jobs that progressed."""
+    def step(self, before_head: Callable[[], None] | None = None) -> list[JobResult]:
+        """One forward pass for every live job; results for the jobs that progressed.
+
+        ``before_head`` is called during the pass, right before the LM head (or not at
+        all when there is nothing to run).
+        """
         self._admit()
         if not self._live:
             return []
@@ -139,7 +143,7 @@ class Generator:
         chunks, members = self._plan(now)
         batch, logit_index = build_batch(chunks, self.cache.page_size, self.device)
         # The sampler works on the CPU whatever the model's device (a no-op on CPU).
-        logits = forward(self.weights, batch, self.cache.k, self.cache.v).cpu()
+        logits = forward(self.weights, batch, self.cache.k, self.cache.v, before_head).cpu()
         self._last_batch = len(chunks)
         for s, c in zip(members, chunks, strict=True):
             s.n_done += len(c.tokens)

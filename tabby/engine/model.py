@@ -387,11 +387,18 @@ def _with_head_gather(g: AttentionGroup, kv_heads: int) -> AttentionGroup:
     return attrs.evolve(g, head_gather=rows.reshape(-1))
 
 
-def forward(w: ModelWeights, batch: ForwardBatch, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+def forward(
+    w: ModelWeights,
+    batch: ForwardBatch,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    before_head: Callable[[], None] | None = None,
+) -> Tensor:
     """Run the flat batch; returns fp32 logits [R, V] for ``batch.logit_rows``.
 
     ``k_cache``/``v_cache``: [layers, slots, KV, D]; this pass writes the new keys
-    and values of every token in the batch into their slots.
+    and values of every token in the batch into their slots. ``before_head`` is called
+    right before the LM head, the pass's longest kernel (a fifth of the weights).
     """
     cfg = w.config
     x = F.embedding(batch.tokens, w.embed)  # [T, hidden]
@@ -402,4 +409,6 @@ def forward(w: ModelWeights, batch: ForwardBatch, k_cache: Tensor, v_cache: Tens
         x = _layer(x, lw, cfg, batch, groups, (cos, sin), k_cache[i], v_cache[i])
     x = x.index_select(0, batch.logit_rows)  # [R, hidden]
     x = rms_norm(x, w.norm, cfg.rms_norm_eps)
+    if before_head is not None:
+        before_head()
     return linear(x, w.lm_head).float()  # [R, V]

@@ -4,20 +4,23 @@ real model."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
+from tabby.actors.backend_calls import step_in_thread
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
 from tabby.actors.scheduler import (
+    HOLD_MIN_STREAMS,
     JOB_EVENT_BUFFER,
     GenerationScheduler,
     SchedulerHandle,
 )
-from tabby.backends.base import GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import GenerationJob, JobResult, LoadSpec, SamplerSettings
 from tabby.backends.scripted import ScriptedBackend
 from tabby.errors import (
     Conflict,
@@ -381,3 +384,106 @@ async def test_reference_engine_batches_and_frees_cache_on_disconnect(
     assert stats.steps < 3 * 24  # batched, not one job after the other
     assert (stats.live, stats.queued, stats.cache_pages_used) == (0, 0, 0)
     assert backend.statistics().cache_pages_used == 0
+
+
+class HandoffScripted(ScriptedBackend):
+    """A scripted backend with a hand-off point the test can hold closed."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.at_handoff = threading.Event()
+        self.go = threading.Semaphore(0)
+        self.gated = False
+        self.produced: dict[str, int] = {}  # bytes of text per job, as the steps made them
+
+    def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+        if self.gated:
+            self.at_handoff.set()
+            assert self.go.acquire(timeout=10), "the test never opened the hand-off"
+        handoff()
+        results = self.step()
+        for r in results:
+            self.produced[r.job_id] = self.produced.get(r.job_id, 0) + len(r.text)
+        return results
+
+
+async def _reach_handoff(backend: HandoffScripted) -> None:
+    assert await trio.to_thread.run_sync(backend.at_handoff.wait, 10)
+    backend.at_handoff.clear()
+
+
+def _drain(channel: trio.MemoryReceiveChannel[JobEvent]) -> str:
+    text = ""
+    while True:
+        try:
+            event = channel.receive_nowait()
+        except trio.WouldBlock:
+            return text
+        if isinstance(event, TextChunk):
+            text += event.text
+
+
+@pytest.mark.parametrize("streams", [HOLD_MIN_STREAMS, HOLD_MIN_STREAMS - 1])
+async def test_results_of_many_streams_go_out_at_the_next_steps_handoff(
+    nursery: trio.Nursery, health: HealthHandle, streams: int
+) -> None:
+    script = "abcdefghijklmnopqrstuvwxyz" * 4
+    backend = HandoffScripted(script=script)
+    rig = await start(nursery, health, backend)
+    channels = [await rig.handle.submit(job(f"j{i}")) for i in range(streams)]
+    received = [""] * streams
+    backend.gated = True
+    await _reach_handoff(backend)
+    backend.go.release()
+    await _reach_handoff(backend)  # the next step, stopped before its hand-off
+    await trio.sleep(0.05)
+    for i, channel in enumerate(channels):
+        received[i] += _drain(channel)
+    behind = [backend.produced[f"j{i}"] - len(received[i]) for i in range(streams)]
+    # Enough streams: the last step's text waits for this step's hand-off; fewer: it
+    # went out as soon as that step ended.
+    assert behind == [1 if streams >= HOLD_MIN_STREAMS else 0] * streams
+    backend.gated = False
+    backend.go.release()
+    with trio.fail_after(5):
+        for i, channel in enumerate(channels):
+            received[i] += text_of(await collect(channel))
+    assert received == [script] * streams  # nothing lost or reordered by holding back
+    stats = await rig.handle.statistics()
+    assert (stats.jobs_finished, stats.live) == (streams, 0)
+
+
+def test_step_in_thread_hands_off_exactly_once() -> None:
+    calls: list[str] = []
+
+    class Plain(ScriptedBackend):
+        def step(self) -> list[JobResult]:
+            calls.append("step")
+            return super().step()
+
+    class Silent(ScriptedBackend):  # has a hand-off point but nothing to run this time
+        def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+            calls.append("step")
+            return []
+
+    class Failing(ScriptedBackend):
+        def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+            raise RuntimeError("device lost")
+
+    def handoff() -> None:
+        calls.append("handoff")
+
+    step_in_thread(Plain(), handoff)
+    assert calls == ["handoff", "step"]  # no hand-off point: before the step
+    calls.clear()
+    step_in_thread(Silent(), handoff)
+    assert calls == ["step", "handoff"]  # never reached: after the step
+    calls.clear()
+    results, _, _ = step_in_thread(Failing(), handoff)
+    assert isinstance(results, RuntimeError)
+    assert calls == ["handoff"]
+    calls.clear()
+    backend = HandoffScripted(script="ab")
+    backend.enqueue(job("x"))
+    step_in_thread(backend, handoff)
+    assert calls == ["handoff"]

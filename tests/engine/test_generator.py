@@ -283,3 +283,37 @@ def test_constraint_masker_shapes_and_ends_the_output(make_gen: MakeGen,
     assert out.final is not None
     assert out.final.stop_reason in ("constraint", "stop_token")
     assert re.fullmatch("(the|fox) (quick|lazy) [0-9]{2}", out.text), out.text
+
+
+def test_before_head_runs_once_per_pass_before_the_lm_head(
+    make_gen: MakeGen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tabby.engine.model as model
+
+    seen: list[str] = []
+    real_linear = model.linear
+
+    def spy_linear(x: torch.Tensor, lin: model.Linear) -> torch.Tensor:
+        seen.append("head" if lin is g.weights.lm_head else "layer")
+        return real_linear(x, lin)
+
+    monkeypatch.setattr(model, "linear", spy_linear)
+    g = make_gen()
+    expected = alone(make_gen, job("a", PROMPTS["a"]))
+    g.enqueue(job("a", PROMPTS["a"]))
+    out = Outcome()
+    steps = 0
+    while g.has_work():
+        seen.clear()
+        for r in g.step(before_head=lambda: seen.append("hook")):
+            out.text += r.text
+            out.tokens.extend(r.token_ids)
+        steps += 1
+        assert seen.count("hook") == 1
+        assert seen.index("hook") == len(seen) - 2  # right before the head, after every layer
+        assert seen[-1] == "head"
+    assert steps > 1
+    assert out.tokens == expected.tokens  # the hook changes nothing
+    seen.clear()
+    assert g.step(before_head=lambda: seen.append("hook")) == []
+    assert seen == []  # nothing to run: no pass, no hook
