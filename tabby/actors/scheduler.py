@@ -21,8 +21,9 @@ route each result to its job's reply channel with ``send_nowait``, repeat.
   next step runs through that point. Formatting and sending every stream's token holds
   the GIL; done between steps it delays the next one, and done anywhere else in a step
   it stalls the engine's Python between its short kernels, about the same loss (4–5 %
-  of a batch-8 CPU step, measured). The cost is latency: each token reaches its client
-  one step later (a few tens of ms on CPU); with fewer streams the results go at once.
+  of a batch-8 CPU step, measured). The cost is latency: each token after a job's first
+  reaches its client one step later (a few tens of ms on CPU); a step with a job's first
+  token, or with fewer streams, goes out at once.
 * A backend exception fails only the jobs it concerns (an ``enqueue`` error: that job;
   a ``step`` error: every job of that step), is reported to the HealthMonitor, and the
   scheduler keeps serving; the problem clears after a few successful steps.
@@ -286,6 +287,7 @@ class _LiveJob:
     job: GenerationJob
     reply: trio.MemorySendChannel[JobEvent]
     pending: TextChunk | None = None  # output the client has not taken yet
+    routed: bool = False  # a result of this job was routed: its first token went out
 
 
 def _merge(pending: TextChunk | None, result: JobResult) -> TextChunk | None:
@@ -545,7 +547,7 @@ class GenerationScheduler:
             return
         self._step_succeeded()
         tokens = sum(len(result.token_ids) for result in results)
-        if has_work and len(results) >= HOLD_MIN_STREAMS and _hands_off(backend):
+        if has_work and len(results) >= HOLD_MIN_STREAMS and self._may_hold(backend, results):
             self._held = results
         else:
             self._route_all(results)
@@ -562,6 +564,13 @@ class GenerationScheduler:
                 self._counters.failed += 1
                 self._finish(self._jobs.pop(job_id), Failed(error))
 
+    def _may_hold(self, backend: Backend, results: list[JobResult]) -> bool:
+        """Hold a step's results only with a hand-off point to send them at, and never a
+        job's first token (time to first token is worth the one-off stall)."""
+        if not _hands_off(backend):
+            return False
+        return all((live := self._jobs.get(r.job_id)) is None or live.routed for r in results)
+
     def _route_all(self, results: list[JobResult]) -> None:
         for result in results:
             self._route(result)
@@ -570,6 +579,7 @@ class GenerationScheduler:
         live = self._jobs.get(result.job_id)
         if live is None:
             return  # cancelled meanwhile
+        live.routed = True
         live.pending = _merge(live.pending, result)
         if not result.finished:
             self._deliver(live)
