@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tabby.backends.base import GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import Backend, GenerationJob, LoadSpec, SamplerSettings
 from tabby.backends.reference import ReferenceBackend, load
 from tabby.engine.embedded import default_model_path
 from tabby.engine.loading import load_checkpoint
@@ -69,19 +69,25 @@ def engine_decode(
     backend: ReferenceBackend, batch: int, new: int, salt: int, clock: Clock
 ) -> float:
     """Aggregate tok/s once every job is decoding (prefill excluded)."""
-    for b in range(batch):
-        backend.enqueue(GenerationJob(f"d{salt}-{b}", prompt_ids(backend, 32, salt * 100 + b),
-                                      new, sampler=GREEDY, min_new_tokens=new))
+    jobs = [GenerationJob(f"d{salt}-{b}", prompt_ids(backend, 32, salt * 100 + b), new,
+                          sampler=GREEDY, min_new_tokens=new) for b in range(batch)]  # fmt: skip
+    return decode_rate(backend, jobs, clock)
+
+
+def decode_rate(backend: Backend, jobs: list[GenerationJob], clock: Clock) -> float:
+    """Steps ``jobs`` together to the end; tok/s from the step where all have started."""
+    for job in jobs:
+        backend.enqueue(job)
     started: set[str] = set()
     t0 = 0.0
     tokens = 0
     while backend.has_work():
         results = backend.step()
-        if len(started) == batch:
+        if len(started) == len(jobs):
             tokens += sum(len(r.token_ids) for r in results)
         else:
             started.update(r.job_id for r in results)
-            if len(started) == batch:
+            if len(started) == len(jobs):
                 t0 = clock()
     # Tokens still held back at the end arrive with the final results, which count.
     return tokens / (clock() - t0)

@@ -162,26 +162,19 @@ def start_server(backend: str, threads: int) -> tuple[subprocess.Popen[str], str
 
 
 def engine_decode(backend: Any, batch: int, new: int, salt: int) -> float:
-    """The engine alone, as bench/engine.py measures it: aggregate tok/s once every job
-    is decoding (prefill excluded), stepping the backend directly."""
+    """The engine alone, as bench/engine.py measures it (prefill excluded), on the same
+    prompts as the HTTP clients, stepping the backend directly."""
+    from engine import decode_rate  # bench/engine.py, beside this script
+
     from tabby.backends.base import GenerationJob, SamplerSettings
 
-    for b in range(batch):
-        ids = tuple(backend.tokenizer.encode(f"{salt * 100 + b}. {TEXT}"))
-        job = GenerationJob(f"e{salt}-{b}", ids, new, sampler=SamplerSettings(temperature=0.0),
-                            min_new_tokens=new)  # fmt: skip
-        backend.enqueue(job)
-    started: set[str] = set()
-    t0, tokens = 0.0, 0
-    while backend.has_work():
-        results = backend.step()
-        if len(started) == batch:
-            tokens += sum(len(r.token_ids) for r in results)
-        else:
-            started.update(r.job_id for r in results)
-            if len(started) == batch:
-                t0 = time.perf_counter()
-    return tokens / (time.perf_counter() - t0)
+    greedy = SamplerSettings(temperature=0.0)
+    jobs = [
+        GenerationJob(f"e{salt}-{b}", tuple(backend.tokenizer.encode(f"{salt * 100 + b}. {TEXT}")),
+                      new, sampler=greedy, min_new_tokens=new)
+        for b in range(batch)
+    ]  # fmt: skip
+    return decode_rate(backend, jobs, time.perf_counter)
 
 
 def load_engine(threads: int) -> Any:

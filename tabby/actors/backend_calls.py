@@ -15,7 +15,13 @@ from typing import TypeVar
 import outcome
 import trio
 
-from tabby.backends.base import Backend, BackendStats, GenerationJob, JobResult
+from tabby.backends.base import (
+    Backend,
+    BackendStats,
+    GenerationJob,
+    JobResult,
+    handoff_step,
+)
 from tabby.errors import GenerationFailed, TabbyError
 
 __all__ = [
@@ -162,10 +168,10 @@ def step_in_thread(
             handed = True
             handoff()
 
-    step_with_handoff = getattr(backend, "step_with_handoff", None)
+    stepper = handoff_step(backend)
     try:
-        if step_with_handoff is not None:
-            results: list[JobResult] | Exception = step_with_handoff(hand_off_once)
+        if stepper is not None:
+            results: list[JobResult] | Exception = stepper.step_with_handoff(hand_off_once)
         else:
             hand_off_once()
             results = backend.step()

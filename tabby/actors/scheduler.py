@@ -54,7 +54,7 @@ from tabby.actors.backend_calls import (
 )
 from tabby.actors.health import HealthHandle
 from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
-from tabby.backends.base import Backend, GenerationJob, JobResult
+from tabby.backends.base import Backend, GenerationJob, JobResult, handoff_step
 from tabby.errors import (
     Conflict,
     GenerationFailed,
@@ -535,12 +535,10 @@ class GenerationScheduler:
     async def _step(self, backend: Backend) -> None:
         # The previous step's results, if held back, go out at this step's hand-off.
         held, self._held = self._held, []
-        if held:
-            call = partial(step_in_thread, backend, self._calls.signal)
-            stepped = await self._calls(call, on_signal=partial(self._route_all, held))
-        else:
-            stepped = await self._calls(partial(step_in_thread, backend))
-        results, has_work, self._backend_stats = stepped
+        results, has_work, self._backend_stats = await self._calls(
+            partial(step_in_thread, backend, self._calls.signal if held else None),
+            on_signal=partial(self._route_all, held) if held else None,
+        )
         self._counters.steps += 1
         if isinstance(results, Exception):
             await self._step_failed(backend, results)
@@ -567,7 +565,7 @@ class GenerationScheduler:
     def _may_hold(self, backend: Backend, results: list[JobResult]) -> bool:
         """Hold a step's results only with a hand-off point to send them at, and never a
         job's first token (time to first token is worth the one-off stall)."""
-        if not _hands_off(backend):
+        if handoff_step(backend) is None:
             return False
         return all((live := self._jobs.get(r.job_id)) is None or live.routed for r in results)
 
@@ -721,7 +719,3 @@ async def _deliver_rest(reply: trio.MemorySendChannel[JobEvent], events: list[Jo
                 await reply.send(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-
-
-def _hands_off(backend: Backend) -> bool:
-    return callable(getattr(backend, "step_with_handoff", None))

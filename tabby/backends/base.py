@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 
@@ -48,6 +48,7 @@ __all__ = [
     "TokenLogprob",
     "TokenMasker",
     "Tokenizer",
+    "handoff_step",
 ]
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -267,6 +268,13 @@ class HandoffStep(Protocol):
     """
 
     def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]: ...
+
+
+def handoff_step(backend: Backend) -> HandoffStep | None:
+    """``backend`` as a :class:`HandoffStep`, or None when its step has no hand-off point."""
+    if callable(getattr(backend, "step_with_handoff", None)):
+        return cast(HandoffStep, backend)
+    return None
 
 
 @attrs.frozen

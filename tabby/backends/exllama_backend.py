@@ -160,8 +160,7 @@ class LibraryBackend(abc.ABC, Generic[PartsT]):
             context_bound=lambda job_id: self._live[job_id].limits.context_bound,
         )
         self._last_batch = 0
-        finished: list[str] = []
-        for result in results:
+        for i, result in enumerate(results):
             if result.token_ids:
                 self._last_batch += 1
                 self._generated += len(result.token_ids)
@@ -170,16 +169,9 @@ class LibraryBackend(abc.ABC, Generic[PartsT]):
                 live = self._live.pop(result.job_id)
                 self._by_job.pop(id(live.job), None)
                 if result.stop_reason == "stop_token" and self._constraint_finished(live.job):
-                    finished.append(result.job_id)
-        if finished:
-            # The constraint had nothing left to match, so EOS was all it allowed: the
-            # job ended on its constraint, as the reference engine reports it.
-            results = [
-                attrs.evolve(r, stop_reason="constraint", stop_str=None)
-                if r.job_id in finished
-                else r
-                for r in results
-            ]
+                    # The constraint had nothing left to match, so EOS was all it allowed:
+                    # the job ended on its constraint, as the reference engine reports it.
+                    results[i] = attrs.evolve(result, stop_reason="constraint", stop_str=None)
         return results
 
     def _constraint_finished(self, library_job: object) -> bool:

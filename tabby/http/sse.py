@@ -77,8 +77,7 @@ class _SSEBody(ResponseBody):
         self._events = events
         self._send_tracebacks = send_tracebacks
         self._stack = AsyncExitStack()
-        self._iterator: AsyncIterator[SSEItem] | None = None
-        self._done = False
+        self._iterator: AsyncIterator[SSEItem] | None = None  # None once it has ended
 
     async def __aenter__(self) -> _SSEBody:
         events = self._events
@@ -111,16 +110,16 @@ class _SSEBody(ResponseBody):
         return self
 
     async def __anext__(self) -> bytes:
-        if self._done or self._iterator is None:
+        if self._iterator is None:
             raise StopAsyncIteration
         try:
             item = await anext(self._iterator)
         except StopAsyncIteration:
-            self._done = True
+            self._iterator = None
             raise
         except Exception as exc:
             # Every failure becomes one error event, and the stream ends after it.
-            self._done = True
+            self._iterator = None
             error, trace = self._failure(exc)
             return encode_event(error_body(error, trace=trace))
         return encode_event(item)
