@@ -18,11 +18,12 @@ import json
 import time
 from collections.abc import Callable
 
-from tabby.backends.base import ConstraintSpec, GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import LoadSpec
 from tabby.backends.reference import ReferenceBackend, load
-from tabby.constraints import ANY_JSON_OBJECT, ConstraintCompiler
 from tabby.engine.embedded import default_model_path
-from tabby.structured import compiler_for
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
+from tabby.jobs.constraints import ANY_JSON_OBJECT, ConstraintCompiler
+from tabby.serving.structured import compiler_for
 
 SCHEMA = {
     "type": "object",

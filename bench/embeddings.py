@@ -30,8 +30,8 @@ from tabby.backends.infinity import (
 from tabby.config import ModelConfigSection, NetworkConfig, TabbyConfig
 from tabby.http import embeddings
 from tabby.http.app import ROUTE_MODULES
+from tabby.http.services import Services
 from tabby.server import serve
-from tabby.services import Services
 
 WORDS = [
     "the",

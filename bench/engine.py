@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from tabby.backends.base import Backend, GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import Backend, LoadSpec
 from tabby.backends.reference import ReferenceBackend, load
 from tabby.engine.embedded import default_model_path
 from tabby.engine.loading import load_checkpoint
+from tabby.jobs import GenerationJob, SamplerSettings
 
 Clock = Callable[[], float]
 GREEDY = SamplerSettings(temperature=0.0)

@@ -166,7 +166,7 @@ def engine_decode(backend: Any, batch: int, new: int, salt: int) -> float:
     prompts as the HTTP clients, stepping the backend directly."""
     from engine import decode_rate  # bench/engine.py, beside this script
 
-    from tabby.backends.base import GenerationJob, SamplerSettings
+    from tabby.jobs import GenerationJob, SamplerSettings
 
     greedy = SamplerSettings(temperature=0.0)
     jobs = [

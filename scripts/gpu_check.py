@@ -33,10 +33,11 @@ import trio  # noqa: E402
 from tabby.actors.messages import Failed, Finished, LoadProgress, ModelLoaded, TextChunk  # noqa: E402
 from tabby.actors.models import ModelManager, ModelManagerHandle  # noqa: E402
 from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle  # noqa: E402
-from tabby.backends.base import ConstraintSpec, GenerationJob, SamplerSettings  # noqa: E402
+from tabby.backends.base import SamplerSettings  # noqa: E402
 from tabby.backends.registry import BackendEntry, BackendRegistry, default_registry  # noqa: E402
 from tabby.config.loader import structure_config  # noqa: E402
-from tabby.model_settings import ModelLoadRequest  # noqa: E402
+from tabby.jobs import ConstraintSpec, GenerationJob  # noqa: E402
+from tabby.serving.model_settings import ModelLoadRequest  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0)
 PROMPTS = ("The quick brown fox", "The capital of France is", "def main():\n    return")
@@ -264,7 +265,7 @@ async def run_checks(name: str, model_name: str, sched: SchedulerHandle,
         masker = None
         info = models.serving_state().model
         if name == "reference" and info is not None:  # the dry run: the engine takes a masker
-            from tabby.constraints import ConstraintCompiler
+            from tabby.jobs.constraints import ConstraintCompiler
 
             compiler = ConstraintCompiler(tokenizer(), eos_ids=info.eos_token_ids,
                                           vocab_size=info.vocab_size)

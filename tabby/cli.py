@@ -16,12 +16,12 @@ from pathlib import Path
 
 import trio
 
+from tabby.actors.keyfile import KeyFileError, keys_main
+from tabby.actors.keyfile import add_arguments as add_keys_arguments
 from tabby.config import ConfigError, TabbyConfig
 from tabby.config.export import export_config
 from tabby.config.loader import load_config
 from tabby.config.tomlio import write_toml_atomic
-from tabby.keys import KeyFileError, keys_main
-from tabby.keys import add_arguments as add_keys_arguments
 from tabby.logs import setup_logging
 
 __all__ = ["COMMANDS", "main"]
@@ -101,7 +101,7 @@ def export_config_command(args: list[str]) -> int:
 
 def _download(args: list[str]) -> int:
     # Imported here: huggingface_hub is slow to import and only this command needs it.
-    from tabby.download import download_command
+    from tabby.actors.hub import download_command
 
     return download_command(args)
 

@@ -25,13 +25,13 @@ from tabby.actors.auth import AuthStore
 from tabby.actors.downloader import downloader_from_config
 from tabby.actors.embedder import embedder_from_config
 from tabby.actors.health import HealthMonitor
+from tabby.actors.keyfile import KeyFile, KeyFileError
 from tabby.actors.models import ModelManager
 from tabby.actors.scheduler import GenerationScheduler
 from tabby.backends.registry import BackendRegistry
 from tabby.config import TabbyConfig
 from tabby.http.app import create_app
-from tabby.keys import KeyFile, KeyFileError
-from tabby.services import Services
+from tabby.http.services import Services
 
 __all__ = ["ServerInfo", "StartupError", "serve"]
 
@@ -158,7 +158,7 @@ async def serve(
     the scripted backend this way).
 
     Raises :class:`StartupError` when the port cannot be bound and
-    :class:`tabby.keys.KeyFileError` when the keys file is unusable.
+    :class:`tabby.actors.keyfile.KeyFileError` when the keys file is unusable.
     """
     try:
         await _serve(config, handle_signals, quiet, extra_blueprints, registry, task_status)

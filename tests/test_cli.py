@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tabby.actors.keyfile import read_key_file
 from tabby.cli import COMMANDS, main
-from tabby.keys import read_key_file
 
 REPO = Path(__file__).resolve().parents[1]
 

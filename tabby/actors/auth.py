@@ -24,8 +24,8 @@ import attrs
 import trio
 
 from tabby.actors.health import HealthHandle
+from tabby.actors.keyfile import KeyFile, KeyFileError, create_key_file, read_key_file
 from tabby.errors import ServiceUnavailable
-from tabby.keys import KeyFile, KeyFileError, create_key_file, read_key_file
 
 __all__ = [
     "AuthHandle",

@@ -15,14 +15,9 @@ from typing import TypeVar
 import outcome
 import trio
 
-from tabby.backends.base import (
-    Backend,
-    BackendStats,
-    GenerationJob,
-    JobResult,
-    handoff_step,
-)
+from tabby.backends.base import Backend, BackendStats, handoff_step
 from tabby.errors import GenerationFailed, TabbyError
+from tabby.jobs import GenerationJob, JobResult
 
 __all__ = [
     "NO_STATS",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import attrs
 import trio
 
-from tabby.download import (
+from tabby.actors.hub import (
     DownloadSpec,
     Progress,
     RepoListing,

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import attrs
 import trio
 
-from tabby.backends.base import FinishReason, JobStats, LoadProgress, StopReason, TokenLogprob
+from tabby.backends.base import LoadProgress
 from tabby.errors import TabbyError
+from tabby.jobs import FinishReason, JobStats, StopReason, TokenLogprob
 
 if TYPE_CHECKING:
-    from tabby.model_settings import ServingState
+    from tabby.serving.model_settings import ServingState
 
 __all__ = [
     "Answer",

@@ -25,7 +25,7 @@ from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec
 from tabby.backends.registry import BackendEntry, BackendRegistry
 from tabby.config import TabbyConfig
 from tabby.errors import InvalidRequest, NotSupported, TabbyError
-from tabby.model_settings import (
+from tabby.serving.model_settings import (
     DraftModelRequest,
     LoraLoadResult,
     LoraRequest,
@@ -37,8 +37,13 @@ from tabby.model_settings import (
     read_model_config,
     rope_alpha_for,
 )
-from tabby.presets import list_presets
-from tabby.templating import PromptTemplate, find_template, list_templates, load_named_template
+from tabby.serving.presets import list_presets
+from tabby.serving.templating import (
+    PromptTemplate,
+    find_template,
+    list_templates,
+    load_named_template,
+)
 
 __all__ = ["LoadPlan", "Planner"]
 

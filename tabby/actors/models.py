@@ -55,9 +55,9 @@ from tabby.errors import (
     ServiceUnavailable,
     TabbyError,
 )
-from tabby.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest, ServingState
-from tabby.presets import SamplerPreset, load_preset, preset_from_dict
-from tabby.structured import compiler_for
+from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest, ServingState
+from tabby.serving.presets import SamplerPreset, load_preset, preset_from_dict
+from tabby.serving.structured import compiler_for
 
 __all__ = [
     "EnsureModel",

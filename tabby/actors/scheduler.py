@@ -54,7 +54,7 @@ from tabby.actors.backend_calls import (
 )
 from tabby.actors.health import HealthHandle
 from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
-from tabby.backends.base import Backend, GenerationJob, JobResult, handoff_step
+from tabby.backends.base import Backend, handoff_step
 from tabby.errors import (
     Conflict,
     GenerationFailed,
@@ -63,6 +63,7 @@ from tabby.errors import (
     TabbyError,
     TooManyRequests,
 )
+from tabby.jobs import GenerationJob, JobResult
 
 __all__ = [
     "INBOX_BUFFER",

@@ -14,12 +14,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import attrs
 
-from tabby.backends.base import (
-    BackendStats,
-    GenerationJob,
-    JobResult,
-    ModelInfo,
-)
+from tabby.backends.base import BackendStats, ModelInfo
 from tabby.backends.exllama_common import (
     PAGE_SIZE,
     JobLimits,
@@ -30,6 +25,7 @@ from tabby.backends.exllama_common import (
 )
 from tabby.backends.exllama_tokenizer import LibraryTokenizer
 from tabby.errors import ContextLengthExceeded, NotSupported
+from tabby.jobs import GenerationJob, JobResult
 
 __all__ = ["LibraryBackend", "LibraryParts", "LiveJob", "free_vram", "unload_all"]
 

@@ -28,7 +28,8 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
-from tabby.backends.base import (
+from tabby.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest
+from tabby.jobs import (
     FinishReason,
     GenerationJob,
     JobResult,
@@ -37,7 +38,6 @@ from tabby.backends.base import (
     StopReason,
     TokenLogprob,
 )
-from tabby.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest
 
 __all__ = [
     "IMPORT_TIMEOUT_S",

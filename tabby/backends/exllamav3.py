@@ -17,16 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from tabby.backends.base import (
-    Capabilities,
-    ConstraintSpec,
-    GenerationJob,
-    LoadProgress,
-    LoadSpec,
-    ModelInfo,
-    ProgressCallback,
-    SamplerSettings,
-)
+from tabby.backends.base import Capabilities, LoadProgress, LoadSpec, ModelInfo, ProgressCallback
 from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
     CacheBits,
@@ -45,6 +36,7 @@ from tabby.backends.exllama_common import (
 )
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import ConstraintError, NotSupported
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
 
 __all__ = [
     "DEFAULT_DRAFT_TOKENS",

@@ -31,8 +31,6 @@ import torch
 from tabby.backends.base import (
     BackendStats,
     Capabilities,
-    GenerationJob,
-    JobResult,
     LoadProgress,
     LoadSpec,
     ModelInfo,
@@ -44,6 +42,7 @@ from tabby.engine.loading import Checkpoint, load_checkpoint
 from tabby.engine.model import build_weights
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest
+from tabby.jobs import GenerationJob, JobResult
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",

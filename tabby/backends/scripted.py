@@ -27,17 +27,13 @@ import attrs
 from tabby.backends.base import (
     BackendStats,
     Capabilities,
-    FinishReason,
-    GenerationJob,
-    JobResult,
-    JobStats,
     LoadProgress,
     LoadSpec,
     ModelInfo,
     ProgressCallback,
-    StopReason,
 )
 from tabby.errors import ContextLengthExceeded
+from tabby.jobs import FinishReason, GenerationJob, JobResult, JobStats, StopReason
 
 __all__ = [
     "BOS_ID",

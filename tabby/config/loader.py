@@ -28,7 +28,7 @@ from tabby.config.schema import (
     TabbyConfig,
 )
 from tabby.config.sources import Layer, env_layer, file_layer, parse_cli_overrides
-from tabby.validation import Issue, ValidationFailed, make_converter, structure
+from tabby.config.validation import Issue, ValidationFailed, make_converter, structure
 
 __all__ = ["DEFAULT_CONFIG_NAME", "load_config", "structure_config", "structure_load_settings"]
 

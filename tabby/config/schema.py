@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import attrs
 
-from tabby.validation import check
+from tabby.config.validation import check
 
 __all__ = [
     "LOAD_KEYS",

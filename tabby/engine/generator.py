@@ -20,13 +20,13 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
-from tabby.backends.base import GenerationJob, JobResult
 from tabby.engine.batch import SeqChunk, build_batch
 from tabby.engine.cache import CacheStats, PagedKVCache, page_keys
 from tabby.engine.jobstate import JobState, TextSource
 from tabby.engine.model import ModelWeights, forward
 from tabby.engine.picker import pick_tokens
 from tabby.errors import ContextLengthExceeded, InvalidRequest
+from tabby.jobs import GenerationJob, JobResult
 
 __all__ = ["Generator", "GeneratorLimits", "GeneratorStats"]
 

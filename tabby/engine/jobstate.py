@@ -21,17 +21,10 @@ import attrs
 import torch
 from torch import Tensor
 
-from tabby.backends.base import (
-    FinishReason,
-    GenerationJob,
-    JobResult,
-    JobStats,
-    StopReason,
-    TokenLogprob,
-)
 from tabby.engine.cache import PageKey
 from tabby.engine.sampling import SamplingState
 from tabby.engine.stops import BannedStringChecker, StopChecker
+from tabby.jobs import FinishReason, GenerationJob, JobResult, JobStats, StopReason, TokenLogprob
 
 __all__ = ["JobState", "Pick", "TextSource"]
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tabby.backends.base import TokenLogprob
 from tabby.engine.jobstate import JobState, Pick
 from tabby.engine.sampling import sample
+from tabby.jobs import TokenLogprob
 
 __all__ = ["pick_tokens"]
 

@@ -75,9 +75,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from tabby.backends.base import SamplerSettings, TokenMasker
 from tabby.engine import samplers
 from tabby.engine.penalties import apply_penalties, dry_penalties
+from tabby.jobs import SamplerSettings, TokenMasker
 
 __all__ = ["SampleOutput", "SamplingState", "sample"]
 

@@ -29,14 +29,14 @@ from tabby.logs import ACCESS_LOGGER, access_line, redact_body, redact_headers
 
 if TYPE_CHECKING:
     from tabby.config import TabbyConfig
-    from tabby.services import Services
+    from tabby.http.services import Services
 
 __all__ = ["ROUTE_MODULES", "create_app", "current_services", "request_id"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-_EXTENSION = "tabby.services"
+_EXTENSION = "tabby.http.services"
 _CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 _CORS_MAX_AGE = "600"
 
@@ -52,11 +52,11 @@ def _openai(config: TabbyConfig) -> bool:
 # (module, mounted when): add a family here; its module exposes `blueprint(services)`.
 ROUTE_MODULES: tuple[tuple[str, Callable[[TabbyConfig], bool]], ...] = (
     ("tabby.http.core", _always),
-    ("tabby.http.admin", _always),
-    ("tabby.http.openai", _openai),
-    ("tabby.http.kobold", lambda config: "Kobold" in config.network.api_servers),
+    ("tabby.http.admin.routes", _always),
+    ("tabby.http.openai.routes", _openai),
+    ("tabby.http.kobold.routes", lambda config: "Kobold" in config.network.api_servers),
     ("tabby.http.embeddings", _always),
-    ("tabby.http.downloads", _always),
+    ("tabby.http.admin.downloads", _always),
 )
 
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import cattrs
 import quart
 
+from tabby.config.validation import ValidationFailed, make_converter, structure
 from tabby.errors import InvalidRequest
-from tabby.validation import ValidationFailed, make_converter, structure
 
 __all__ = ["parse_body", "read_json", "structure_body"]
 

@@ -9,7 +9,7 @@ import quart
 
 from tabby.errors import Unprocessable
 from tabby.http.auth import Permission, require
-from tabby.services import Services
+from tabby.http.services import Services
 
 __all__ = ["blueprint", "service_info"]
 

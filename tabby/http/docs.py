@@ -16,7 +16,7 @@ from typing import Any
 import quart
 
 from tabby.http.openapi import app_document
-from tabby.services import Services
+from tabby.http.services import Services
 
 __all__ = ["add_routes", "render_docs_html", "type_html"]
 

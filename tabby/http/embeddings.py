@@ -19,7 +19,7 @@ import quart
 from tabby.errors import InvalidRequest, NotImplementedFeature, ServiceUnavailable
 from tabby.http.auth import Permission, require
 from tabby.http.body import parse_body
-from tabby.services import Services
+from tabby.http.services import Services
 
 if TYPE_CHECKING:
     from tabby.actors.embedder import EmbedderHandle, EmbedderStatistics

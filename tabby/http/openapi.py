@@ -416,7 +416,7 @@ def offline_document(config: TabbyConfig) -> dict[str, Any]:
     Blueprint factories only capture the handles, so placeholders do for building.
     """
     from tabby.http.app import create_app
-    from tabby.services import Services
+    from tabby.http.services import Services
 
     services = Services(config=config, auth=cast(Any, None), health=cast(Any, None))
     return app_document(create_app(services), config)

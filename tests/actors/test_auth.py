@@ -17,7 +17,7 @@ from tabby.actors.auth import (
     presented_keys,
 )
 from tabby.actors.health import HealthHandle, HealthMonitor
-from tabby.keys import KeyFileError, add_api_key, read_key_file
+from tabby.actors.keyfile import KeyFileError, add_api_key, read_key_file
 
 # Real time: the store stats the file in a worker thread, which a virtual clock would
 # race past. 50 ms keeps the hot-reload test short.

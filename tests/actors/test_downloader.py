@@ -18,7 +18,7 @@ from tabby.actors.downloader import (
     DownloadProgress,
     DownloadStarted,
 )
-from tabby.download import DownloadSpec, resolve_endpoint
+from tabby.actors.hub import DownloadSpec, resolve_endpoint
 from tabby.errors import (
     AuthenticationError,
     Conflict,
@@ -251,7 +251,7 @@ async def test_local_disk_error_fails_only_that_download(env: Env, tmp_path: Pat
 
 
 def test_saved_hub_token_never_goes_to_a_mirror() -> None:
-    from tabby.download import PUBLIC_HUB, DownloadSpec, _token_for
+    from tabby.actors.hub import PUBLIC_HUB, DownloadSpec, _token_for
 
     anonymous = DownloadSpec(repo_id="org/name")
     assert _token_for(anonymous, "http://127.0.0.1:9/") is False

@@ -18,7 +18,7 @@ from tabby.actors.messages import Failed, LoadEvent, LoadFailed, ModelLoaded, Te
 from tabby.actors.model_listing import resolve_model
 from tabby.actors.models import ModelManager, ModelManagerHandle
 from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle
-from tabby.backends.base import Backend, GenerationJob, LoadProgress, LoadSpec, ProgressCallback
+from tabby.backends.base import Backend, LoadProgress, LoadSpec, ProgressCallback
 from tabby.backends.registry import BackendEntry, BackendRegistry, default_registry
 from tabby.backends.scripted import ScriptedBackend
 from tabby.config import TabbyConfig
@@ -34,7 +34,8 @@ from tabby.errors import (
     ServiceUnavailable,
     TabbyError,
 )
-from tabby.model_settings import (
+from tabby.jobs import GenerationJob
+from tabby.serving.model_settings import (
     DraftModelRequest,
     LoraRequest,
     ModelLoadRequest,

@@ -20,7 +20,7 @@ from tabby.actors.scheduler import (
     GenerationScheduler,
     SchedulerHandle,
 )
-from tabby.backends.base import GenerationJob, JobResult, LoadSpec, SamplerSettings
+from tabby.backends.base import LoadSpec
 from tabby.backends.scripted import ScriptedBackend
 from tabby.errors import (
     Conflict,
@@ -30,6 +30,7 @@ from tabby.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from tabby.jobs import GenerationJob, JobResult, SamplerSettings
 
 LONG = 100_000  # tokens: a job that outlives any test unless stopped
 

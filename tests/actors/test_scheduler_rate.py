@@ -6,8 +6,8 @@ import trio
 import trio.testing
 
 from tabby.actors.scheduler import RATE_WINDOW_S, GenerationScheduler, SchedulerHandle
-from tabby.backends.base import GenerationJob
 from tabby.backends.scripted import ScriptedBackend
+from tabby.jobs import GenerationJob
 
 
 async def test_rate_window_is_trimmed_without_statistics_calls(

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 
-from tabby.backends.base import GenerationJob, JobStats, SamplerSettings, TokenLogprob
 from tabby.backends.exllama_common import (
     LOGPROB_FLOOR,
     CacheBits,
@@ -34,6 +33,7 @@ from tabby.backends.exllama_common import (
 )
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest
+from tabby.jobs import GenerationJob, JobStats, SamplerSettings, TokenLogprob
 from tabby.testing.tiny import make_tiny_hf, tiny_tokenizer
 
 # -- cache modes, sizing, rope, placement ------------------------------------------------

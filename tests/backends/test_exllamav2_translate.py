@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from tabby.backends import exllamav2 as v2
-from tabby.backends.base import ConstraintSpec, GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import LoadSpec
 from tabby.backends.exllama_common import JobLimits, unsupported_samplers
-from tabby.constraints import ConstraintCompiler
 from tabby.errors import BackendUnavailable, ConstraintError, InvalidRequest, NotSupported
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
+from tabby.jobs.constraints import ConstraintCompiler
 from tabby.testing.tiny import tiny_tokenizer
 
 # Every field of ExLlamaV2Sampler.Settings (exllamav2 0.3.2) that a job may set.

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tabby.backends import exllamav3 as v3
-from tabby.backends.base import ConstraintSpec, GenerationJob, LoadSpec, SamplerSettings
+from tabby.backends.base import LoadSpec
 from tabby.backends.exllama_common import CacheBits, JobLimits, Placement
 from tabby.errors import BackendUnavailable
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
 
 EOS = (2, 0)
 

@@ -8,19 +8,13 @@ import gguf
 import pytest
 import torch
 
-from tabby.backends.base import (
-    Backend,
-    GenerationJob,
-    JobResult,
-    LoadProgress,
-    LoadSpec,
-    SamplerSettings,
-)
+from tabby.backends.base import Backend, LoadProgress, LoadSpec
 from tabby.backends.reference import ReferenceBackend, load, resolve_dtype
 from tabby.engine.batch import SeqChunk, build_batch
 from tabby.engine.embedded import default_model_path
 from tabby.engine.model import forward
 from tabby.errors import ContextLengthExceeded, InvalidRequest
+from tabby.jobs import GenerationJob, JobResult, SamplerSettings
 from tabby.testing.tiny import make_tiny_gguf, make_tiny_hf
 
 GREEDY = SamplerSettings(temperature=0.0)

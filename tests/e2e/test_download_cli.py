@@ -33,7 +33,7 @@ def command(hub: FakeHub, dest: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "tabby.download",
+        "tabby.actors.hub",
         *args,
         "--endpoint",
         hub.url,

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import trio
 
+from tabby.actors.keyfile import add_api_key, create_key_file
 from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import ModelConfigSection, SamplingConfig
-from tabby.http.kobold import DEFAULT_MAX_LENGTH
-from tabby.keys import add_api_key, create_key_file
+from tabby.http.kobold.routes import DEFAULT_MAX_LENGTH
 from tabby.server import ServerInfo, serve
 from tabby.testing.tiny import make_tiny_hf
 from tests.conftest import StartServer

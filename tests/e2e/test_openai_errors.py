@@ -224,7 +224,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def records() -> Iterator[Records]:
     handler = Records()
-    loggers = [logging.getLogger(n) for n in ("tabby.metrics", "tabby.requests", "tabby.http.openai")]
+    loggers = [logging.getLogger(n) for n in ("tabby.metrics", "tabby.requests", "tabby.http.openai.routes")]
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

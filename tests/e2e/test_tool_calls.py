@@ -20,7 +20,7 @@ import openai
 import trio
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tabby.tools import reassemble
+from tabby.serving.tools import reassemble
 from tests.conftest import start_smollm2
 
 WEATHER_PARAMS: dict[str, Any] = {

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from tabby.backends.base import SamplerSettings, TokenMasker
 from tabby.engine import samplers
 from tabby.engine.penalties import DRY_MAX_MATCH, apply_penalties, dry_penalties, penalty_weights
 from tabby.engine.sampling import SamplingState, sample
+from tabby.jobs import SamplerSettings, TokenMasker
 
 INF = float("-inf")
 

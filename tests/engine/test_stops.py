@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from tabby.backends.base import SamplerSettings
 from tabby.engine.sampling import SamplingState, sample
 from tabby.engine.stops import BannedStringChecker, StopChecker
+from tabby.jobs import SamplerSettings
 
 
 def run_stops(stops: list[str], chunks: list[str]) -> tuple[str, str | None, list[str]]:

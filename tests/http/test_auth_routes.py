@@ -8,7 +8,7 @@ from typing import Literal
 import httpx
 from conftest import StartServer
 
-from tabby.keys import add_api_key
+from tabby.actors.keyfile import add_api_key
 
 HeaderKind = Literal["X-Api-Key", "X-Admin-Key", "Bearer", "bearer (lower-case)"]
 HEADER_KINDS: tuple[HeaderKind, ...] = ("X-Api-Key", "X-Admin-Key", "Bearer", "bearer (lower-case)")

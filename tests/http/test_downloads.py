@@ -14,9 +14,9 @@ import trio
 
 from tabby.actors.downloader import downloader_from_config
 from tabby.config import ModelConfigSection, NetworkConfig, TabbyConfig
-from tabby.http import downloads
+from tabby.http.admin import downloads
 from tabby.http.app import ROUTE_MODULES
-from tabby.services import Services
+from tabby.http.services import Services
 from tests.fakehub import FakeHub, FakeRepo, running_hub
 
 TOKEN = "hf_http_secret_456"
@@ -41,7 +41,7 @@ async def server(live_server: Any, nursery: trio.Nursery, tmp_path: Path) -> Any
         base_dir=tmp_path,
     )
     (tmp_path / "models").mkdir()
-    if any(name == "tabby.http.downloads" for name, _ in ROUTE_MODULES):
+    if any(name == "tabby.http.admin.downloads" for name, _ in ROUTE_MODULES):
         return await live_server(config)  # the server starts the Downloader itself
     handle = await nursery.start(downloader_from_config(config).run)
     services = Services(config=config, auth=None, health=None, downloader=handle)  # type: ignore[arg-type]

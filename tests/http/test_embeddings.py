@@ -28,7 +28,7 @@ from tabby.config import EmbeddingsConfig, ModelConfigSection, NetworkConfig, Ta
 from tabby.errors import ServiceUnavailable
 from tabby.http import embeddings
 from tabby.http.app import ROUTE_MODULES
-from tabby.services import Services
+from tabby.http.services import Services
 
 needs_infinity = pytest.mark.skipif(infinity_missing(), reason="needs infinity-emb")
 
@@ -199,7 +199,7 @@ from tabby.config import ModelConfigSection, NetworkConfig, TabbyConfig
 from tabby.http import embeddings
 from tabby.http.app import ROUTE_MODULES
 from tabby.server import serve
-from tabby.services import Services
+from tabby.http.services import Services
 
 async def main():
     config = TabbyConfig(

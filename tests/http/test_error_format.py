@@ -13,11 +13,11 @@ import quart
 from conftest import StartServer, make_config
 
 from tabby.config import LoggingConfig
+from tabby.config.validation import check
 from tabby.errors import ServiceUnavailable, TooManyRequests, Unprocessable
 from tabby.http.app import request_id
 from tabby.http.auth import requires_admin, requires_api
 from tabby.http.body import parse_body
-from tabby.validation import check
 
 
 @attrs.frozen

@@ -10,10 +10,10 @@ from tabby.actors.auth import Permission
 from tabby.actors.messages import TextChunk
 from tabby.errors import Conflict, ContextLengthExceeded, InvalidRequest, PermissionDenied
 from tabby.http.body import structure_body
-from tabby.http.kobold import fit_prompt
-from tabby.http.kobold_genkeys import Caller, GenkeyRegistry
-from tabby.http.schemas.kobold import GenerateRequest
-from tabby.presets import apply_preset
+from tabby.http.kobold.genkeys import Caller, GenkeyRegistry
+from tabby.http.kobold.routes import fit_prompt
+from tabby.http.kobold.schemas import GenerateRequest
+from tabby.serving.presets import apply_preset
 
 
 def parse(**body: Any) -> GenerateRequest:

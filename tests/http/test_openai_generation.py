@@ -9,17 +9,17 @@ from typing import Any
 import attrs
 import pytest
 
-from tabby.backends.base import ConstraintSpec, TokenLogprob
 from tabby.backends.scripted import BOS_ID, ScriptedBackend
 from tabby.errors import ContextLengthExceeded, InvalidRequest, Unprocessable
-from tabby.generation import plan_chat, plan_completion, render_chat, structure_request
-from tabby.http.openai import TextChunkEncoder
-from tabby.http.schemas.openai import ChatCompletionRequest, CompletionRequest
-from tabby.http.schemas.openai_responses import ChatChunk, ChatChunkChoice, ChatDelta, dump
-from tabby.model_settings import ServingState
-from tabby.openai_format import chat_logprobs, completion_logprobs
-from tabby.presets import preset_from_dict
-from tabby.templating import load_named_template
+from tabby.http.openai.requests import ChatCompletionRequest, CompletionRequest
+from tabby.http.openai.responses import ChatChunk, ChatChunkChoice, ChatDelta, dump
+from tabby.http.openai.routes import TextChunkEncoder
+from tabby.jobs import ConstraintSpec, TokenLogprob
+from tabby.serving.model_settings import ServingState
+from tabby.serving.planning import plan_chat, plan_completion, render_chat, structure_request
+from tabby.serving.presets import preset_from_dict
+from tabby.serving.templating import load_named_template
+from tabby.serving.usage import chat_logprobs, completion_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "Hello"}]

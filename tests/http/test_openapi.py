@@ -14,7 +14,7 @@ import pytest
 import quart
 
 from tabby.config import TabbyConfig
-from tabby.http.admin import ROUTES as ADMIN_ROUTES
+from tabby.http.admin.routes import ROUTES as ADMIN_ROUTES
 from tabby.http.app import create_app
 from tabby.http.openapi import (
     DOC_PATHS,

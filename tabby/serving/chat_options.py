@@ -1,0 +1,131 @@
+"""How one chat request's output is shaped: tool calling mode and reasoning tags.
+
+Resolved once per request by :func:`chat_options` from the request's ``tools`` /
+``tool_choice`` / ``parallel_tool_calls``, the model's settings (``tool_format``,
+``reasoning``, ``reasoning_start_token``, ``reasoning_end_token``) and the template's
+metadata (``tool_start``):
+
+* ``none``: no tool calls (``tool_choice: "none"``, no tools, or nothing to detect a
+  call with); tool-looking text stays content and ``tool_start`` is not a stop string.
+* ``template``: ``auto`` with a template that declares ``tool_start``: the tag is a stop
+  string; a choice that stops on it gets a second pass constrained by the calls'
+  schema (prompt = rendered prompt + text so far + the tag).
+* ``format``: ``auto`` with a ``tool_format``: the model writes calls in its own format
+  and a :class:`~tabby.serving.tools.ToolStreamParser` per choice takes them out.
+* ``forced``: ``required`` or a named function: the prompt ends with the tool tag (the
+  template's ``tool_start`` or the format's first start tag, if any) and the calls'
+  schema constrains the answer from its first token.
+
+Reasoning is on when the model's settings say so, or when the rendered prompt ends
+inside an open reasoning tag (a template or ``response_prefix`` that pre-fills it);
+never for forced calls, whose answer starts with the tool tag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from tabby.jobs import ConstraintSpec
+from tabby.jobs.constraints import ConstraintCompiler
+from tabby.serving.reasoning import DEFAULT_END, DEFAULT_START
+from tabby.serving.tools import ToolFormat, ToolPolicy, tool_format, tool_policy
+
+__all__ = [
+    "ChatOptions",
+    "ReasoningTags",
+    "ToolMode",
+    "chat_options",
+    "open_reasoning",
+    "with_prompt",
+]
+
+ToolMode = Literal["none", "template", "format", "forced"]
+
+
+@attrs.frozen
+class ReasoningTags:
+    start: str
+    end: str
+    prefilled: bool  # the prompt already opened the reasoning
+
+
+@attrs.frozen
+class ChatOptions:
+    """A chat request's output shaping, and what a second (tool) pass needs."""
+
+    tools: ToolMode = "none"
+    policy: ToolPolicy | None = None
+    tool_start: str | None = None  # the tag: a stop string (template) or prompt tail (forced)
+    tool_format: ToolFormat | None = None
+    reasoning: ReasoningTags | None = None
+    add_bos: bool = True
+    max_seq_len: int = 0
+    compiler: ConstraintCompiler | None = attrs.field(default=None, eq=False)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing to shape: text streams as it comes."""
+        return self.tools == "none" and self.reasoning is None
+
+    def tool_constraint(self) -> ConstraintSpec | None:
+        return self.policy.constraint() if self.policy is not None else None
+
+
+def open_reasoning(prompt: str, start: str, end: str) -> bool:
+    """Whether ``prompt`` ends inside an open reasoning tag."""
+    at = prompt.rfind(start)
+    return at >= 0 and prompt.find(end, at + len(start)) < 0
+
+
+def _tags(settings: Mapping[str, Any]) -> tuple[str, str]:
+    start = settings.get("reasoning_start_token") or DEFAULT_START
+    end = settings.get("reasoning_end_token") or DEFAULT_END
+    return str(start), str(end)
+
+
+def chat_options(
+    *,
+    tools: Any,
+    tool_choice: Any,
+    parallel_tool_calls: bool | None,
+    settings: Mapping[str, Any],
+    template_tool_start: str | None,
+) -> ChatOptions:
+    """The tool mode (reasoning and the prompt-dependent parts are added by the caller)."""
+    policy = tool_policy(tools, tool_choice, parallel_tool_calls)
+    fmt_name = settings.get("tool_format")
+    fmt = tool_format(str(fmt_name)) if fmt_name else None
+    if policy.mode == "none":
+        return ChatOptions(policy=policy)
+    if policy.mode == "required":
+        tag = template_tool_start or (fmt.start_tags[0] if fmt is not None else None)
+        return ChatOptions("forced", policy, tag, fmt)
+    if fmt is not None:
+        return ChatOptions("format", policy, None, fmt)
+    if template_tool_start:
+        return ChatOptions("template", policy, template_tool_start)
+    return ChatOptions(policy=policy)
+
+
+def with_prompt(
+    options: ChatOptions,
+    prompt: str,
+    settings: Mapping[str, Any],
+    *,
+    add_bos: bool,
+    max_seq_len: int,
+    compiler: ConstraintCompiler | None,
+) -> ChatOptions:
+    """``options`` completed with reasoning (it depends on the rendered prompt)."""
+    reasoning = None
+    if options.tools != "forced":
+        start, end = _tags(settings)
+        prefilled = open_reasoning(prompt, start, end)
+        if settings.get("reasoning") or prefilled:
+            reasoning = ReasoningTags(start, end, prefilled)
+    return attrs.evolve(
+        options, reasoning=reasoning, add_bos=add_bos, max_seq_len=max_seq_len, compiler=compiler
+    )

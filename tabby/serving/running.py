@@ -1,0 +1,156 @@
+"""Running a request's jobs: admission, one merged event stream, and the totals.
+
+:func:`submit_all` hands every job of a :class:`~tabby.serving.planning.GenerationPlan` to
+the scheduler and returns once all were admitted, so a refused job (queue full, prompt
+too long for the backend) is an HTTP error before any stream starts. The returned
+:class:`RunningGeneration` is an async context manager: entering it starts one small
+forwarding task per job (in its own nursery) that moves the job's events into one
+merged stream of :class:`ChoiceEvent` (a single job's events are passed on
+directly); leaving it, or :meth:`RunningGeneration.close`,
+closes every job channel, which the scheduler takes as "cancel this job" (its cache
+pages are freed). That is how a client disconnect cancels all ``n`` jobs.
+
+:class:`ChoiceAccumulator` collects one choice's output for non-streaming answers
+and the usage figures for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import attrs
+import trio
+
+from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
+from tabby.actors.scheduler import SchedulerHandle
+from tabby.errors import ServiceUnavailable
+from tabby.jobs import JobStats, TokenLogprob
+from tabby.serving.planning import GenerationPlan
+
+__all__ = ["ChoiceAccumulator", "ChoiceEvent", "RunningGeneration", "submit_all"]
+
+# Events waiting between the forwarders and the response writer; the scheduler already
+# buffers per job, so a small merge buffer only smooths the hand-over.
+MERGE_BUFFER = 16
+
+
+@attrs.frozen
+class ChoiceEvent:
+    index: int
+    event: JobEvent
+
+
+class RunningGeneration:
+    """The admitted jobs of one request; see the module docstring."""
+
+    def __init__(self, channels: list[trio.MemoryReceiveChannel[JobEvent]]) -> None:
+        self._channels = channels
+        self._stack = AsyncExitStack()
+
+    @property
+    def jobs(self) -> int:
+        return len(self._channels)
+
+    def close(self) -> None:
+        """Cancel every job that is still running (idempotent)."""
+        for channel in self._channels:
+            channel.close()
+
+    async def __aenter__(self) -> AsyncIterator[ChoiceEvent]:
+        self._stack.callback(self.close)
+        if len(self._channels) == 1:
+            # Nothing to merge: skip the forwarding task (one hop less per token).
+            single = _single(self._channels[0])
+            # Closed on exit, not left suspended for the garbage collector to finalize.
+            self._stack.push_async_callback(single.aclose)
+            return single
+        merged_send, merged_receive = trio.open_memory_channel[ChoiceEvent](MERGE_BUFFER)
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._stack.callback(nursery.cancel_scope.cancel)
+        async with merged_send:
+            for index, channel in enumerate(self._channels):
+                nursery.start_soon(_forward, index, channel, merged_send.clone())
+        return merged_receive
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self._stack.aclose()
+
+
+async def _single(
+    events: trio.MemoryReceiveChannel[JobEvent],
+) -> AsyncGenerator[ChoiceEvent, None]:
+    async for event in events:
+        yield ChoiceEvent(0, event)
+
+
+async def _forward(
+    index: int,
+    events: trio.MemoryReceiveChannel[JobEvent],
+    merged: trio.MemorySendChannel[ChoiceEvent],
+) -> None:
+    async with events, merged:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for event in events:
+                await merged.send(ChoiceEvent(index, event))
+
+
+async def submit_all(scheduler: SchedulerHandle | None, plan: GenerationPlan) -> RunningGeneration:
+    """Admit every job of ``plan``; on any refusal the admitted ones are cancelled."""
+    if scheduler is None:
+        raise ServiceUnavailable("the generation scheduler is not running")
+    channels: list[trio.MemoryReceiveChannel[JobEvent]] = []
+    try:
+        for job in plan.jobs:
+            channels.append(await scheduler.submit(job, model_epoch=plan.epoch))
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
+    return RunningGeneration(channels)
+
+
+@attrs.define
+class ChoiceAccumulator:
+    """One choice's output so far, and how it ended."""
+
+    index: int
+    parts: list[str] = attrs.Factory(list)
+    length: int = 0  # characters of text so far
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = attrs.Factory(list)
+    finished: Finished | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, event: JobEvent) -> None:
+        """Take one event; a Failed event raises its error."""
+        if isinstance(event, TextChunk):
+            self.parts.append(event.text)
+            self.length += len(event.text)
+            self.tokens += len(event.token_ids)
+            self.logprobs.extend(event.logprobs)
+        elif isinstance(event, Finished):
+            self.finished = event
+        else:
+            assert isinstance(event, Failed)
+            raise event.error
+
+    @property
+    def stats(self) -> JobStats | None:
+        return self.finished.stats if self.finished is not None else None
+
+    @property
+    def generated_tokens(self) -> int:
+        stats = self.stats
+        return stats.generated_tokens if stats is not None else self.tokens
