@@ -13,7 +13,6 @@ invalid file keeps the previous keys and opens a health problem until it is fixe
 from __future__ import annotations
 
 import contextlib
-import enum
 import hmac
 import logging
 import os
@@ -26,6 +25,7 @@ import trio
 from tabby.actors.health import HealthHandle
 from tabby.actors.keyfile import KeyFile, KeyFileError, create_key_file, read_key_file
 from tabby.errors import ServiceUnavailable
+from tabby.serving.permission import Permission
 
 __all__ = [
     "AuthHandle",
@@ -33,7 +33,6 @@ __all__ = [
     "AuthStore",
     "CheckKey",
     "HeaderSource",
-    "Permission",
     "ReloadKeys",
     "ReloadOutcome",
     "presented_keys",
@@ -49,16 +48,6 @@ HEALTH_SOURCE = "auth"
 HEALTH_KEY = "api_tokens"
 
 
-class Permission(enum.Enum):
-    NONE = "none"
-    API = "api"
-    ADMIN = "admin"
-
-    def grants(self, required: Permission) -> bool:
-        return _RANK[self] >= _RANK[required]
-
-
-_RANK = {Permission.NONE: 0, Permission.API: 1, Permission.ADMIN: 2}
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -275,7 +264,7 @@ class AuthStore:
         best = Permission.NONE
         for key in keys:
             found = self._keys.permission_of(key)
-            if _RANK[found] > _RANK[best]:
+            if found.grants(best) and found is not best:
                 best = found
         return best
 

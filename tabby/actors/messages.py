@@ -1,8 +1,6 @@
 """Stream items that several actors and the HTTP layer share.
 
-A generation job's reply channel carries :data:`JobEvent` items: any number of
-:class:`TextChunk`, then exactly one :class:`Finished` or :class:`Failed`, then the
-channel closes. A model load's progress channel carries :data:`LoadEvent` items:
+A generation job's events are :mod:`tabby.jobs.events`. A model load's progress channel carries :data:`LoadEvent` items:
 ``LoadProgress`` events of the backend, then exactly one :class:`ModelLoaded` or
 :class:`LoadFailed`, then the channel closes.
 
@@ -20,65 +18,21 @@ import trio
 
 from tabby.backends.base import LoadProgress
 from tabby.errors import TabbyError
-from tabby.jobs import FinishReason, JobStats, StopReason, TokenLogprob
 
 if TYPE_CHECKING:
     from tabby.serving.model_settings import ServingState
 
 __all__ = [
     "Answer",
-    "Failed",
-    "Finished",
-    "JobEvent",
     "LoadEvent",
     "LoadFailed",
     "LoadProgress",
     "ModelLoaded",
     "Reply",
-    "TextChunk",
     "answer",
 ]
 
 T = TypeVar("T")
-
-
-@attrs.frozen
-class TextChunk:
-    """New output of one job since its previous chunk.
-
-    When the consumer falls behind, the scheduler merges several backend results into
-    one chunk: ``text`` is then the concatenation, ``token_ids`` and ``logprobs`` hold
-    every token in order. Nothing is ever dropped.
-    """
-
-    text: str
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@attrs.frozen
-class Finished:
-    """The job ended normally; the last event of its stream.
-
-    ``stop_reason`` is ``"cancelled"`` when the job was stopped by an explicit
-    ``Cancel`` (e.g. the Kobold abort): the text sent so far is the answer.
-    ``stats`` is None only for such cancelled jobs when the backend gave none.
-    """
-
-    finish_reason: FinishReason
-    stop_reason: StopReason | None = None
-    stop_str: str | None = None
-    stats: JobStats | None = None
-
-
-@attrs.frozen
-class Failed:
-    """The job ended with an error; the last event of its stream."""
-
-    error: TabbyError
-
-
-JobEvent = TextChunk | Finished | Failed
 
 
 @attrs.frozen

@@ -32,7 +32,6 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
-from tabby.actors.auth import Permission
 from tabby.actors.health import HealthHandle
 from tabby.actors.messages import Answer, LoadEvent, LoadFailed, ModelLoaded, Reply, answer
 from tabby.actors.model_loading import (
@@ -56,6 +55,7 @@ from tabby.errors import (
     TabbyError,
 )
 from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest, ServingState
+from tabby.serving.permission import Permission
 from tabby.serving.presets import SamplerPreset, load_preset, preset_from_dict
 from tabby.serving.structured import compiler_for
 
@@ -652,6 +652,7 @@ class ModelManager:
             template=None,
             loras=(),
             draft=None,
+            scheduler=None,
         )
 
     async def _close_backend(self) -> None:
@@ -695,4 +696,5 @@ class ModelManager:
             template=template,
             loras=plan.spec.loras,
             draft=plan.spec.draft,
+            scheduler=self._scheduler,
         )

@@ -53,7 +53,6 @@ from tabby.actors.backend_calls import (
     step_in_thread,
 )
 from tabby.actors.health import HealthHandle
-from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
 from tabby.backends.base import Backend, handoff_step
 from tabby.errors import (
     Conflict,
@@ -64,6 +63,7 @@ from tabby.errors import (
     TooManyRequests,
 )
 from tabby.jobs import GenerationJob, JobResult
+from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
 
 __all__ = [
     "INBOX_BUFFER",

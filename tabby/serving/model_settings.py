@@ -31,6 +31,7 @@ from tabby.serving.templating import PromptTemplate
 
 if TYPE_CHECKING:
     from tabby.jobs.constraints import ConstraintCompiler
+    from tabby.serving.ports import JobSubmitter
 
 __all__ = [
     "MODEL_CONFIG_FILE",
@@ -150,6 +151,8 @@ class ServingState:
     draft: DraftSpec | None = None
     # The loaded model's structured-output compiler (reference engine only).
     constraints: ConstraintCompiler | None = attrs.field(default=None, eq=False)
+    # The loaded model's scheduler: where its jobs go (None while no model is loaded).
+    scheduler: JobSubmitter | None = attrs.field(default=None, eq=False)
 
     @property
     def loaded(self) -> bool:

@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 
 import attrs
 
-from tabby.actors.auth import Permission
 from tabby.backends.base import ModelInfo
 from tabby.errors import (
     ContextLengthExceeded,
@@ -49,6 +48,8 @@ from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
 from tabby.jobs.constraints import request_field, validate
 from tabby.serving.chat_options import ChatOptions, chat_options, with_prompt
 from tabby.serving.model_settings import ServingState
+from tabby.serving.permission import Permission
+from tabby.serving.ports import JobSubmitter
 from tabby.serving.presets import apply_preset
 from tabby.serving.sampling import SamplerParams
 from tabby.serving.structured import constrain_job, reasoning_end_for
@@ -93,6 +94,8 @@ class GenerationPlan:
     n: int
     # Chat only: how the output is shaped (tool calls, reasoning).
     chat: ChatOptions | None = None
+    # The scheduler of the model the plan was made for.
+    scheduler: JobSubmitter | None = attrs.field(default=None, eq=False)
 
     def prompt_index(self, choice: int) -> int:
         return choice // self.n
@@ -202,6 +205,7 @@ def _plan(
         jobs=jobs,
         n=request.n,
         chat=chat,
+        scheduler=state.scheduler,
     )
 
 

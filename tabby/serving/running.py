@@ -24,10 +24,9 @@ from types import TracebackType
 import attrs
 import trio
 
-from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
-from tabby.actors.scheduler import SchedulerHandle
 from tabby.errors import ServiceUnavailable
 from tabby.jobs import JobStats, TokenLogprob
+from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
 from tabby.serving.planning import GenerationPlan
 
 __all__ = ["ChoiceAccumulator", "ChoiceEvent", "RunningGeneration", "submit_all"]
@@ -103,8 +102,10 @@ async def _forward(
                 await merged.send(ChoiceEvent(index, event))
 
 
-async def submit_all(scheduler: SchedulerHandle | None, plan: GenerationPlan) -> RunningGeneration:
-    """Admit every job of ``plan``; on any refusal the admitted ones are cancelled."""
+async def submit_all(plan: GenerationPlan) -> RunningGeneration:
+    """Admit every job of ``plan`` to its model's scheduler; on any refusal the admitted
+    ones are cancelled."""
+    scheduler = plan.scheduler
     if scheduler is None:
         raise ServiceUnavailable("the generation scheduler is not running")
     channels: list[trio.MemoryReceiveChannel[JobEvent]] = []

@@ -7,7 +7,7 @@ message::
     out = ChoiceOutput(plan.chat)
     part = out.feed(text)                 # new reasoning / content to show
     if out.wants_tool_pass(finished):     # template way: stopped on tool_start
-        await run_tool_pass(scheduler, plan, index, out)   # the constrained second pass
+        await run_tool_pass(plan, index, out)   # the constrained second pass
     part = out.finish()                   # held-back text; out.calls, out.finish_reason
 
 The modes are those of :class:`tabby.serving.chat_options.ChatOptions`. A forced call's text is
@@ -21,10 +21,9 @@ from __future__ import annotations
 import attrs
 import trio
 
-from tabby.actors.messages import Failed, Finished, TextChunk
-from tabby.actors.scheduler import SchedulerHandle
 from tabby.errors import GenerationFailed, ServiceUnavailable
 from tabby.jobs import FinishReason, GenerationJob
+from tabby.jobs.events import Failed, Finished, TextChunk
 from tabby.serving.chat_options import ChatOptions
 from tabby.serving.planning import GenerationPlan
 from tabby.serving.reasoning import ReasoningPart, ReasoningSplitter
@@ -173,10 +172,9 @@ def tool_pass_job(plan: GenerationPlan, index: int, generated: str) -> Generatio
     )
 
 
-async def run_tool_pass(
-    scheduler: SchedulerHandle | None, plan: GenerationPlan, index: int, output: ChoiceOutput
-) -> None:
+async def run_tool_pass(plan: GenerationPlan, index: int, output: ChoiceOutput) -> None:
     """Run one choice's second pass to the end and add it to ``output``."""
+    scheduler = plan.scheduler
     if scheduler is None:
         raise ServiceUnavailable("the generation scheduler is not running")
     job = await trio.to_thread.run_sync(tool_pass_job, plan, index, output.raw_text)

@@ -12,12 +12,12 @@ import trio
 from tabby.actors.auth import (
     AuthHandle,
     AuthStore,
-    Permission,
     ReloadOutcome,
     presented_keys,
 )
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.keyfile import KeyFileError, add_api_key, read_key_file
+from tabby.serving.permission import Permission
 
 # Real time: the store stats the file in a worker thread, which a virtual clock would
 # race past. 50 ms keeps the hot-reload test short.

@@ -12,9 +12,8 @@ import attrs
 import pytest
 import trio
 
-from tabby.actors.auth import Permission
 from tabby.actors.health import HealthHandle, HealthMonitor
-from tabby.actors.messages import Failed, LoadEvent, LoadFailed, ModelLoaded, TextChunk
+from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
 from tabby.actors.model_listing import resolve_model
 from tabby.actors.models import ModelManager, ModelManagerHandle
 from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle
@@ -35,12 +34,14 @@ from tabby.errors import (
     TabbyError,
 )
 from tabby.jobs import GenerationJob
+from tabby.jobs.events import Failed, TextChunk
 from tabby.serving.model_settings import (
     DraftModelRequest,
     LoraRequest,
     ModelLoadRequest,
     detect_backend,
 )
+from tabby.serving.permission import Permission
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}

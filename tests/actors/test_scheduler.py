@@ -13,7 +13,6 @@ import trio
 
 from tabby.actors.backend_calls import step_in_thread
 from tabby.actors.health import HealthHandle, HealthMonitor
-from tabby.actors.messages import Failed, Finished, JobEvent, TextChunk
 from tabby.actors.scheduler import (
     HOLD_MIN_STREAMS,
     JOB_EVENT_BUFFER,
@@ -31,6 +30,7 @@ from tabby.errors import (
     TooManyRequests,
 )
 from tabby.jobs import GenerationJob, JobResult, SamplerSettings
+from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
 
 LONG = 100_000  # tokens: a job that outlives any test unless stopped
 

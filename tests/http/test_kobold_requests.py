@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from tabby.actors.auth import Permission
-from tabby.actors.messages import TextChunk
 from tabby.errors import Conflict, ContextLengthExceeded, InvalidRequest, PermissionDenied
 from tabby.http.body import structure_body
 from tabby.http.kobold.genkeys import Caller, GenkeyRegistry
 from tabby.http.kobold.routes import fit_prompt
 from tabby.http.kobold.schemas import GenerateRequest
+from tabby.jobs.events import TextChunk
+from tabby.serving.permission import Permission
 from tabby.serving.presets import apply_preset
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tabby.actors.messages import JobEvent, TextChunk
+from tabby.jobs.events import JobEvent, TextChunk
 from tabby.serving.running import RunningGeneration
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import attrs
 import pytest
 
-from tabby.actors.messages import Finished
 from tabby.backends.scripted import ScriptedBackend
 from tabby.errors import InvalidRequest
 from tabby.http.openai.requests import ChatCompletionRequest
+from tabby.jobs.events import Finished
 from tabby.serving.chat_options import ChatOptions, ReasoningTags, open_reasoning
 from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import plan_chat, structure_request

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 import attrs
 
-from tabby.actors.auth import Permission
 from tabby.errors import Conflict, PermissionDenied
+from tabby.serving.permission import Permission
 from tabby.serving.running import ChoiceAccumulator
 
 __all__ = ["Caller", "GenkeyRegistry", "GenkeyStats", "KoboldGeneration", "key_digest"]

@@ -36,7 +36,6 @@ import quart
 import trio
 
 from tabby.actors.auth import presented_keys
-from tabby.actors.messages import Finished, TextChunk
 from tabby.config.validation import FieldError
 from tabby.errors import ContextLengthExceeded, InvalidRequest, NoModelLoaded
 from tabby.http.app import request_id
@@ -66,6 +65,7 @@ from tabby.http.openai.responses import dump
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEEvent, SSEItem, sse_response
+from tabby.jobs.events import Finished, TextChunk
 from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import GenerationPlan, PreparedPrompt, constraint_for
 from tabby.serving.presets import apply_preset
@@ -210,6 +210,7 @@ def plan_generation(request: GenerateRequest, state: ServingState, rid: str) -> 
         prompts=(PreparedPrompt(text, fitted),),
         jobs=(job,),
         n=1,
+        scheduler=state.scheduler,
     )
 
 
@@ -287,10 +288,11 @@ class KoboldService:
         log_request(self._services.config.logging, plan, resolved)
         generation = self.genkeys.start(request.genkey or rid, plan.jobs[0].job_id, caller)
         try:
-            running = await submit_all(self._services.scheduler, plan)
+            running = await submit_all(plan)
             if generation.aborted:
                 # Aborted while it waited for admission, when Cancel would have missed it.
-                await self._services.scheduler.cancel(generation.job_id)
+                assert plan.scheduler is not None  # submit_all refuses a plan without one
+                await plan.scheduler.cancel(generation.job_id)
         except BaseException:
             self.genkeys.finish(generation)
             raise
@@ -351,7 +353,7 @@ class KoboldService:
     async def abort(self) -> dict[str, Any]:
         caller = await self.caller()
         job_id = self.genkeys.abort(await _genkey(), caller)
-        scheduler = self._services.scheduler
+        scheduler = _serving_state(self._services).scheduler
         if job_id is not None and scheduler is not None:
             await scheduler.cancel(job_id)
         return _json(AbortResponse(job_id is not None))

@@ -36,7 +36,6 @@ import attrs
 import quart
 import trio
 
-from tabby.actors.messages import Finished, TextChunk
 from tabby.errors import GenerationFailed
 from tabby.http.app import request_id
 from tabby.http.auth import Permission, require
@@ -58,6 +57,7 @@ from tabby.http.openai.responses import (
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEItem, sse_response
+from tabby.jobs.events import Finished, TextChunk
 from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import (
     GenerationPlan,
@@ -267,7 +267,7 @@ async def _chat_events(ctx: _Context, services: Services, events: Events) -> Asy
                 yield chunk(ChatChunkChoice(item.index, delta or ChatDelta(), logprobs=lp))
         elif isinstance(event, Finished):
             if out.wants_tool_pass(event):
-                await run_tool_pass(services.scheduler, plan, item.index, out)
+                await run_tool_pass(plan, item.index, out)
             delta = _delta(out.finish())
             if delta is not None:
                 yield chunk(ChatChunkChoice(item.index, delta))
@@ -298,7 +298,7 @@ async def _chat_response(
         out = ChoiceOutput(plan.chat)
         out.feed(acc.text)
         if out.wants_tool_pass(finished):
-            await run_tool_pass(services.scheduler, plan, acc.index, out)
+            await run_tool_pass(plan, acc.index, out)
         out.finish()
         outputs.append(out)
         calls = [call.to_dict() for call in out.calls] or None
@@ -375,7 +375,7 @@ def blueprint(services: Services) -> quart.Blueprint:
             started=time.perf_counter(),
             created=int(time.time()),
         )
-        running = await submit_all(services.scheduler, plan)
+        running = await submit_all(plan)
         return request, ctx, running
 
     @bp.post("/v1/completions")
