@@ -20,7 +20,7 @@ from tabby.backends.base import LoadProgress
 from tabby.errors import TabbyError
 
 if TYPE_CHECKING:
-    from tabby.serving.model_settings import ServingState
+    from tabby.serving.state import ServingState
 
 __all__ = [
     "Answer",

@@ -12,7 +12,7 @@ from tabby.actors.messages import LoadEvent, Reply
 from tabby.actors.model_planning import LoadPlan
 from tabby.backends.base import LoadProgress, ProgressCallback
 from tabby.errors import TabbyError
-from tabby.serving.model_settings import ServingState
+from tabby.serving.state import ServingState
 
 __all__ = ["LoadOp", "Operation", "UnloadOp", "as_load_error", "progress_sender", "send_final"]
 

@@ -30,7 +30,6 @@ from tabby.serving.model_settings import (
     LoraLoadResult,
     LoraRequest,
     ModelLoadRequest,
-    ServingState,
     build_load_spec,
     detect_backend,
     merge_settings,
@@ -38,6 +37,7 @@ from tabby.serving.model_settings import (
     rope_alpha_for,
 )
 from tabby.serving.presets import list_presets
+from tabby.serving.state import ServingState
 from tabby.serving.templating import (
     PromptTemplate,
     find_template,

@@ -54,9 +54,10 @@ from tabby.errors import (
     ServiceUnavailable,
     TabbyError,
 )
-from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest, ServingState
+from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest
 from tabby.serving.permission import Permission
 from tabby.serving.presets import SamplerPreset, load_preset, preset_from_dict
+from tabby.serving.state import ServingState
 from tabby.serving.structured import compiler_for
 
 __all__ = [

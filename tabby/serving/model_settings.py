@@ -1,4 +1,4 @@
-"""Model-load requests, the merge of their settings, backend detection, ServingState.
+"""Model-load requests, the merge of their settings, backend detection.
 
 Settings precedence, highest first: the request, ``<model>/tabby_config.toml``,
 ``[model_defaults]``, ``[model]``. A request field left out (or null) does not
@@ -15,23 +15,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import tomlkit
 
-from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec, ModelInfo
+from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec
 from tabby.config import LOAD_KEYS, ConfigError, TabbyConfig
 from tabby.config.loader import structure_config
 from tabby.engine.config import SUPPORTED_ARCHITECTURES
 from tabby.errors import InvalidRequest, NotSupported
-from tabby.jobs import Tokenizer
-from tabby.serving.templating import PromptTemplate
 
 if TYPE_CHECKING:
-    from tabby.jobs.constraints import ConstraintCompiler
-    from tabby.serving.ports import JobSubmitter
+    pass
 
 __all__ = [
     "MODEL_CONFIG_FILE",
@@ -39,7 +35,6 @@ __all__ = [
     "LoraLoadResult",
     "LoraRequest",
     "ModelLoadRequest",
-    "ServingState",
     "build_load_spec",
     "detect_backend",
     "merge_settings",
@@ -121,50 +116,6 @@ class ModelLoadRequest:
         """The load keys this request sets."""
         values = {key: getattr(self, key, None) for key in LOAD_KEYS}
         return {key: value for key, value in values.items() if value is not None}
-
-
-def _read_only(values: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(values))
-
-
-@attrs.frozen
-class ServingState:
-    """What the server serves right now: one immutable snapshot per change.
-
-    ``version`` grows with every published change; ``epoch`` only when a model is
-    loaded (jobs tokenized for one epoch are refused by the scheduler in another).
-    """
-
-    version: int = 0
-    epoch: int = 0
-    model: ModelInfo | None = None
-    tokenizer: Tokenizer | None = attrs.field(default=None, eq=False)
-    model_name: str | None = None
-    model_path: Path | None = None
-    backend_name: str | None = None
-    load_spec: LoadSpec | None = None
-    settings: Mapping[str, Any] = attrs.field(factory=dict, converter=_read_only, eq=False)
-    template: PromptTemplate | None = None
-    preset_name: str | None = None
-    preset: Any = None  # the active sampler preset (tabby.serving.presets), None = no overrides
-    loras: tuple[LoraSpec, ...] = ()
-    draft: DraftSpec | None = None
-    # The loaded model's structured-output compiler (reference engine only).
-    constraints: ConstraintCompiler | None = attrs.field(default=None, eq=False)
-    # The loaded model's scheduler: where its jobs go (None while no model is loaded).
-    scheduler: JobSubmitter | None = attrs.field(default=None, eq=False)
-
-    @property
-    def loaded(self) -> bool:
-        return self.model is not None
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.model.max_seq_len if self.model is not None else 0
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.model.max_batch_size if self.model is not None else 0
 
 
 # -- settings ---------------------------------------------------------------------------

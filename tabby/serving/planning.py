@@ -47,11 +47,11 @@ from tabby.http.services import Services
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
 from tabby.jobs.constraints import request_field, validate
 from tabby.serving.chat_options import ChatOptions, chat_options, with_prompt
-from tabby.serving.model_settings import ServingState
 from tabby.serving.permission import Permission
 from tabby.serving.ports import JobSubmitter
 from tabby.serving.presets import apply_preset
 from tabby.serving.sampling import SamplerParams
+from tabby.serving.state import ServingState
 from tabby.serving.structured import constrain_job, reasoning_end_for
 from tabby.serving.structured import constraint_for as _constraint_for
 from tabby.serving.templating import build_variables, strip_leading_bos

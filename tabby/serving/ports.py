@@ -17,7 +17,7 @@ from tabby.jobs.events import JobEvent
 from tabby.serving.permission import Permission
 
 if TYPE_CHECKING:
-    from tabby.serving.model_settings import ServingState
+    from tabby.serving.state import ServingState
 
 __all__ = ["JobSubmitter", "ModelSource"]
 

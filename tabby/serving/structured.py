@@ -27,8 +27,8 @@ import attrs
 from tabby.backends.base import ModelInfo
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
 from tabby.jobs.constraints import ConstraintCompiler, constraint_from_request, validate
-from tabby.serving.model_settings import ServingState
 from tabby.serving.sampling import SamplerParams
+from tabby.serving.state import ServingState
 
 __all__ = ["compiler_for", "constrain_job", "constraint_for", "reasoning_end_for"]
 

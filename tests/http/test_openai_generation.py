@@ -15,9 +15,9 @@ from tabby.http.openai.requests import ChatCompletionRequest, CompletionRequest
 from tabby.http.openai.responses import ChatChunk, ChatChunkChoice, ChatDelta, dump
 from tabby.http.openai.routes import TextChunkEncoder
 from tabby.jobs import ConstraintSpec, TokenLogprob
-from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import plan_chat, plan_completion, render_chat, structure_request
 from tabby.serving.presets import preset_from_dict
+from tabby.serving.state import ServingState
 from tabby.serving.templating import load_named_template
 from tabby.serving.usage import chat_logprobs, completion_logprobs
 

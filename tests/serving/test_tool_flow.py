@@ -14,8 +14,8 @@ from tabby.errors import InvalidRequest
 from tabby.http.openai.requests import ChatCompletionRequest
 from tabby.jobs.events import Finished
 from tabby.serving.chat_options import ChatOptions, ReasoningTags, open_reasoning
-from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import plan_chat, structure_request
+from tabby.serving.state import ServingState
 from tabby.serving.templating import load_named_template
 from tabby.serving.tool_flow import ChoiceOutput, ToolPass, tool_pass_job
 from tabby.serving.tools import tool_format, tool_policy

@@ -44,7 +44,8 @@ from tabby.http.body import parse_body
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEItem, sse_response
-from tabby.serving.model_settings import ModelLoadRequest, ServingState
+from tabby.serving.model_settings import ModelLoadRequest
+from tabby.serving.state import ServingState
 
 if TYPE_CHECKING:
     from tabby.actors.models import ModelManagerHandle

@@ -37,8 +37,8 @@ from tabby.http.body import parse_body
 from tabby.http.openai.requests import ChatCompletionRequest
 from tabby.http.openapi import Route
 from tabby.http.services import Services
-from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import render_chat
+from tabby.serving.state import ServingState
 from tabby.serving.templating import strip_leading_bos
 
 __all__ = ["ROUTES", "blueprint", "encode_tokens", "overrides_json"]

@@ -66,10 +66,10 @@ from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEEvent, SSEItem, sse_response
 from tabby.jobs.events import Finished, TextChunk
-from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import GenerationPlan, PreparedPrompt, constraint_for
 from tabby.serving.presets import apply_preset
 from tabby.serving.running import ChoiceEvent, RunningGeneration, submit_all
+from tabby.serving.state import ServingState
 from tabby.serving.structured import constrain_job
 from tabby.serving.templating import strip_leading_bos
 from tabby.serving.usage import log_metrics, log_request, make_usage

@@ -58,7 +58,6 @@ from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEItem, sse_response
 from tabby.jobs.events import Finished, TextChunk
-from tabby.serving.model_settings import ServingState
 from tabby.serving.planning import (
     GenerationPlan,
     plan_chat,
@@ -68,6 +67,7 @@ from tabby.serving.planning import (
 )
 from tabby.serving.reasoning import ReasoningPart
 from tabby.serving.running import ChoiceAccumulator, ChoiceEvent, RunningGeneration, submit_all
+from tabby.serving.state import ServingState
 from tabby.serving.tool_flow import ChoiceOutput, run_tool_pass
 from tabby.serving.usage import (
     chat_logprobs,

@@ -1,0 +1,64 @@
+"""What the server serves right now: one immutable snapshot per change."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec, ModelInfo
+from tabby.jobs import Tokenizer
+from tabby.serving.templating import PromptTemplate
+
+if TYPE_CHECKING:
+    from tabby.jobs.constraints import ConstraintCompiler
+    from tabby.serving.ports import JobSubmitter
+
+__all__ = ["ServingState"]
+
+
+def _read_only(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(values))
+
+
+@attrs.frozen
+class ServingState:
+    """What the server serves right now: one immutable snapshot per change.
+
+    ``version`` grows with every published change; ``epoch`` only when a model is
+    loaded (jobs tokenized for one epoch are refused by the scheduler in another).
+    """
+
+    version: int = 0
+    epoch: int = 0
+    model: ModelInfo | None = None
+    tokenizer: Tokenizer | None = attrs.field(default=None, eq=False)
+    model_name: str | None = None
+    model_path: Path | None = None
+    backend_name: str | None = None
+    load_spec: LoadSpec | None = None
+    settings: Mapping[str, Any] = attrs.field(factory=dict, converter=_read_only, eq=False)
+    template: PromptTemplate | None = None
+    preset_name: str | None = None
+    preset: Any = None  # the active sampler preset (tabby.serving.presets), None = no overrides
+    loras: tuple[LoraSpec, ...] = ()
+    draft: DraftSpec | None = None
+    # The loaded model's structured-output compiler (reference engine only).
+    constraints: ConstraintCompiler | None = attrs.field(default=None, eq=False)
+    # The loaded model's scheduler: where its jobs go (None while no model is loaded).
+    scheduler: JobSubmitter | None = attrs.field(default=None, eq=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len if self.model is not None else 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.model.max_batch_size if self.model is not None else 0
