@@ -8,8 +8,7 @@ A :class:`Planner` holds only immutable things (the config and the backend regis
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import attrs
 
@@ -23,7 +22,7 @@ from tabby.actors.model_listing import (
 )
 from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec
 from tabby.backends.registry import BackendEntry, BackendRegistry
-from tabby.config import TabbyConfig
+from tabby.config import ModelSettings, TabbyConfig, merge_model_settings
 from tabby.errors import InvalidRequest, NotSupported, TabbyError
 from tabby.serving.model_settings import (
     DraftModelRequest,
@@ -32,7 +31,6 @@ from tabby.serving.model_settings import (
     ModelLoadRequest,
     build_load_spec,
     detect_backend,
-    merge_settings,
     read_model_config,
     rope_alpha_for,
 )
@@ -56,7 +54,7 @@ class LoadPlan:
 
     entry: ModelEntry
     backend: BackendEntry
-    settings: Mapping[str, Any] = attrs.field(eq=False)
+    settings: ModelSettings = attrs.field(eq=False)
     spec: LoadSpec
     skip_queue: bool = False
 
@@ -77,18 +75,20 @@ class Planner:
         ``from_config`` marks the startup load: it also takes ``[draft_model]``.
         """
         entry = resolve_model(self._model_dir, request.model_name)
-        settings = merge_settings(self._config, read_model_config(entry.path), request.explicit())
-        backend = self._registry.get(detect_backend(entry.path, settings.get("backend")))
+        settings = merge_model_settings(
+            self._config, read_model_config(entry.path), request.explicit()
+        )
+        backend = self._registry.get(detect_backend(entry.path, settings.backend))
         backend.check()
         draft = self._draft(request.draft_model, backend, from_config)
-        if settings.get("vision") and not backend.vision:
+        if settings.vision and not backend.vision:
             log.warning("the %s backend has no vision support; loading without it", backend.name)
-        if settings.get("prompt_template"):
+        if settings.prompt_template:
             # A named template that does not exist is refused before anything unloads.
             find_template(
                 entry.path,
                 templates_dir=self._templates_dir,
-                name=settings["prompt_template"],
+                name=settings.prompt_template,
                 embedded=None,
             )
         spec = build_load_spec(name=entry.name, path=entry.path, settings=settings, draft=draft)
@@ -185,7 +185,7 @@ class Planner:
             return find_template(
                 plan.entry.path,
                 templates_dir=self._templates_dir,
-                name=plan.settings.get("prompt_template") or None,
+                name=plan.settings.prompt_template or None,
                 embedded=embedded,
             )
         except TabbyError as exc:

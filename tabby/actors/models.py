@@ -46,7 +46,7 @@ from tabby.actors.model_planning import LoadPlan, Planner
 from tabby.actors.scheduler import SchedulerHandle
 from tabby.backends.base import Backend, LoadProgress, LoraSpec
 from tabby.backends.registry import BackendRegistry, default_registry
-from tabby.config import TabbyConfig
+from tabby.config import ModelSettings, TabbyConfig
 from tabby.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -649,7 +649,7 @@ class ModelManager:
             model_path=None,
             backend_name=None,
             load_spec=None,
-            settings={},
+            settings=ModelSettings(),
             template=None,
             loras=(),
             draft=None,

@@ -16,6 +16,7 @@ from tabby.config.loader import (
     structure_config,
     structure_load_settings,
 )
+from tabby.config.model_settings import merge_model_settings
 from tabby.config.schema import (
     LOAD_KEYS,
     UNSET,
@@ -27,6 +28,7 @@ from tabby.config.schema import (
     LoraEntry,
     ModelConfigSection,
     ModelDefaults,
+    ModelSettings,
     NetworkConfig,
     SamplingConfig,
     TabbyConfig,
@@ -50,6 +52,7 @@ __all__ = [
     "LoraEntry",
     "ModelConfigSection",
     "ModelDefaults",
+    "ModelSettings",
     "NetworkConfig",
     "SamplingConfig",
     "TabbyConfig",
@@ -57,6 +60,7 @@ __all__ = [
     "edit_toml",
     "export_config",
     "load_config",
+    "merge_model_settings",
     "parse_cli_overrides",
     "read_toml",
     "structure_config",

@@ -48,7 +48,8 @@ def _section(name: str, cls: type) -> list[str]:
         out.extend(textwrap.wrap(keys, width=88, initial_indent="# ", subsequent_indent="# "))
         out.extend(_DEFAULTS_NOTE.splitlines())
         return out
-    for a in attrs.fields(cls):
+    # A section's own keys first, then the load settings it shares with [model_defaults].
+    for a in sorted(attrs.fields(cls), key=lambda a: a.name in LOAD_KEYS):
         out.append(f"# {a.metadata['doc']}")
         default = a.default  # section fields have plain defaults, no factories
         if default is None:

@@ -21,10 +21,9 @@ import cattrs
 
 from tabby.config.errors import ConfigError
 from tabby.config.schema import (
-    LOAD_KEYS,
     SECTIONS,
-    ModelConfigSection,
     ModelDefaults,
+    ModelSettings,
     TabbyConfig,
 )
 from tabby.config.sources import Layer, env_layer, file_layer, parse_cli_overrides
@@ -33,23 +32,6 @@ from tabby.config.validation import Issue, ValidationFailed, make_converter, str
 __all__ = ["DEFAULT_CONFIG_NAME", "load_config", "structure_config", "structure_load_settings"]
 
 DEFAULT_CONFIG_NAME = "tabby.toml"
-
-
-def _load_settings_class() -> type:
-    """An attrs class with the load keys of ``[model]``, to validate ``[model_defaults]``."""
-    hints = typing.get_type_hints(ModelConfigSection)
-    fields = {
-        a.name: attrs.field(
-            default=a.default,
-            validator=a.validator,
-            converter=a.converter,
-            metadata=a.metadata,
-            type=hints[a.name],
-        )
-        for a in attrs.fields(ModelConfigSection)
-        if a.name in LOAD_KEYS
-    }
-    return attrs.make_class("LoadSettings", fields, frozen=True)
 
 
 def _document_class() -> type:
@@ -70,7 +52,7 @@ class _Schema:
 
 def _schema() -> _Schema:
     converter = make_converter(forbid_extra_keys=True)
-    load_settings = _load_settings_class()
+    load_settings = ModelSettings
 
     def defaults_hook(value: Any, _t: type) -> ModelDefaults:
         partial: Any = converter.structure(value, load_settings)

@@ -37,6 +37,7 @@ __all__ = [
     "LoraEntry",
     "ModelConfigSection",
     "ModelDefaults",
+    "ModelSettings",
     "NetworkConfig",
     "RopeAlpha",
     "SamplingConfig",
@@ -201,59 +202,16 @@ class LoggingConfig:
     )
 
 
-# The [model] keys that describe how a model is loaded; [model_defaults] holds the same.
-LOAD_KEYS: tuple[str, ...] = (
-    "backend",
-    "max_seq_len",
-    "cache_size",
-    "cache_mode",
-    "chunk_size",
-    "max_batch_size",
-    "prompt_template",
-    "dtype",
-    "threads",
-    "device",
-    "tensor_parallel",
-    "gpu_split_auto",
-    "gpu_split",
-    "autosplit_reserve",
-    "rope_scale",
-    "rope_alpha",
-    "vision",
-    "tool_format",
-    "reasoning",
-    "reasoning_start_token",
-    "reasoning_end_token",
-)
 
 
 @attrs.frozen
-class ModelConfigSection:
-    """The model loaded at startup, model discovery, and load settings."""
+class ModelSettings:
+    """How a model is loaded and served: the load keys of ``[model]``, typed.
 
-    model_dir: str = attrs.field(
-        default="models", metadata=_doc("Folder holding model folders and .gguf files.")
-    )
-    model_name: str | None = _opt_str(
-        "SmolLM2-135M-Instruct",
-        'Model to load at startup, inside model_dir ("" loads nothing; the default is the embedded model).',
-    )
-    inline_model_loading: bool = attrs.field(
-        default=False,
-        metadata=_doc(
-            "Let the request's model field load another model (admin key, or any key if allowed)."
-        ),
-    )
-    use_dummy_models: bool = attrs.field(
-        default=False, metadata=_doc("List dummy_model_names in /v1/models.")
-    )
-    dummy_model_names: tuple[str, ...] = attrs.field(
-        default=("gpt-3.5-turbo",),
-        metadata=_doc("Names accepted in the model field that never switch models."),
-    )
-    templates_dir: str = attrs.field(
-        default="templates", metadata=_doc("Folder of chat templates (*.jinja).")
-    )
+    One value per load, made by :func:`tabby.config.model_settings.merge_model_settings`
+    (request > the model's ``tabby_config.toml`` > ``[model_defaults]`` > ``[model]``).
+    """
+
     backend: Backend | None = attrs.field(
         default=None,
         metadata=_doc('"reference", "exllamav2" or "exllamav3"; unset = detect from the model.'),
@@ -329,9 +287,42 @@ class ModelConfigSection:
         default="</think>", metadata=_doc("Tag that closes reasoning.")
     )
 
-    def load_settings(self) -> dict[str, Any]:
-        """The load settings (:data:`LOAD_KEYS`) as a dict, the base of every load."""
-        return {key: getattr(self, key) for key in LOAD_KEYS}
+
+# The [model] keys that describe how a model is loaded; [model_defaults] holds the same.
+LOAD_KEYS: tuple[str, ...] = tuple(a.name for a in attrs.fields(ModelSettings))
+
+
+@attrs.frozen
+class ModelConfigSection(ModelSettings):
+    """The model loaded at startup, model discovery, and load settings.
+
+    The load settings are the fields of :class:`ModelSettings`; a ``tabby.toml``
+    writes them in the same ``[model]`` table.
+    """
+
+    model_dir: str = attrs.field(
+        default="models", metadata=_doc("Folder holding model folders and .gguf files.")
+    )
+    model_name: str | None = _opt_str(
+        "SmolLM2-135M-Instruct",
+        'Model to load at startup, inside model_dir ("" loads nothing; the default is the embedded model).',
+    )
+    inline_model_loading: bool = attrs.field(
+        default=False,
+        metadata=_doc(
+            "Let the request's model field load another model (admin key, or any key if allowed)."
+        ),
+    )
+    use_dummy_models: bool = attrs.field(
+        default=False, metadata=_doc("List dummy_model_names in /v1/models.")
+    )
+    dummy_model_names: tuple[str, ...] = attrs.field(
+        default=("gpt-3.5-turbo",),
+        metadata=_doc("Names accepted in the model field that never switch models."),
+    )
+    templates_dir: str = attrs.field(
+        default="templates", metadata=_doc("Folder of chat templates (*.jinja).")
+    )
 
 
 @attrs.frozen

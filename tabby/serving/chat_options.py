@@ -23,11 +23,11 @@ never for forced calls, whose answer starts with the tool tag.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
 
+from tabby.config import ModelSettings
 from tabby.jobs import ConstraintSpec
 from tabby.jobs.constraints import ConstraintCompiler
 from tabby.serving.reasoning import DEFAULT_END, DEFAULT_START
@@ -80,10 +80,11 @@ def open_reasoning(prompt: str, start: str, end: str) -> bool:
     return at >= 0 and prompt.find(end, at + len(start)) < 0
 
 
-def _tags(settings: Mapping[str, Any]) -> tuple[str, str]:
-    start = settings.get("reasoning_start_token") or DEFAULT_START
-    end = settings.get("reasoning_end_token") or DEFAULT_END
-    return str(start), str(end)
+def _tags(settings: ModelSettings) -> tuple[str, str]:
+    return (
+        settings.reasoning_start_token or DEFAULT_START,
+        settings.reasoning_end_token or DEFAULT_END,
+    )
 
 
 def chat_options(
@@ -91,13 +92,12 @@ def chat_options(
     tools: Any,
     tool_choice: Any,
     parallel_tool_calls: bool | None,
-    settings: Mapping[str, Any],
+    settings: ModelSettings,
     template_tool_start: str | None,
 ) -> ChatOptions:
     """The tool mode (reasoning and the prompt-dependent parts are added by the caller)."""
     policy = tool_policy(tools, tool_choice, parallel_tool_calls)
-    fmt_name = settings.get("tool_format")
-    fmt = tool_format(str(fmt_name)) if fmt_name else None
+    fmt = tool_format(settings.tool_format) if settings.tool_format else None
     if policy.mode == "none":
         return ChatOptions(policy=policy)
     if policy.mode == "required":
@@ -113,7 +113,7 @@ def chat_options(
 def with_prompt(
     options: ChatOptions,
     prompt: str,
-    settings: Mapping[str, Any],
+    settings: ModelSettings,
     *,
     add_bos: bool,
     max_seq_len: int,
@@ -124,7 +124,7 @@ def with_prompt(
     if options.tools != "forced":
         start, end = _tags(settings)
         prefilled = open_reasoning(prompt, start, end)
-        if settings.get("reasoning") or prefilled:
+        if settings.reasoning or prefilled:
             reasoning = ReasoningTags(start, end, prefilled)
     return attrs.evolve(
         options, reasoning=reasoning, add_bos=add_bos, max_seq_len=max_seq_len, compiler=compiler

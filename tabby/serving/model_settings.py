@@ -1,7 +1,8 @@
 """Model-load requests, the merge of their settings, backend detection.
 
 Settings precedence, highest first: the request, ``<model>/tabby_config.toml``,
-``[model_defaults]``, ``[model]``. A request field left out (or null) does not
+``[model_defaults]``, ``[model]``, merged by
+:func:`tabby.config.merge_model_settings`. A request field left out (or null) does not
 override anything; ``tabby_config.toml`` holds the load keys of ``[model]`` at its top
 level and only the keys it names override.
 
@@ -13,21 +14,17 @@ means the reference engine. The ``backend`` setting overrides the detection.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import tomlkit
 
 from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec
-from tabby.config import LOAD_KEYS, ConfigError, TabbyConfig
+from tabby.config import LOAD_KEYS, ConfigError, ModelDefaults, ModelSettings
 from tabby.config.loader import structure_config
 from tabby.engine.config import SUPPORTED_ARCHITECTURES
 from tabby.errors import InvalidRequest, NotSupported
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "MODEL_CONFIG_FILE",
@@ -37,7 +34,6 @@ __all__ = [
     "ModelLoadRequest",
     "build_load_spec",
     "detect_backend",
-    "merge_settings",
     "read_model_config",
     "rope_alpha_for",
 ]
@@ -127,28 +123,18 @@ def model_config_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.{MODEL_CONFIG_FILE}")
 
 
-def read_model_config(model_path: Path) -> dict[str, Any]:
-    """The load keys set by the model's own ``tabby_config.toml`` (validated)."""
+def read_model_config(model_path: Path) -> ModelDefaults:
+    """The load keys set by the model's own ``tabby_config.toml`` (validated; the keys it
+    leaves out stay unset)."""
     path = model_config_path(model_path)
     if not path.is_file():
-        return {}
+        return ModelDefaults()
     try:
         raw = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap()
         config = structure_config({"model_defaults": raw})
     except (ConfigError, tomlkit.exceptions.TOMLKitError) as exc:
         raise InvalidRequest(f"{path}: {exc}", param="model_name") from None
-    return config.model_defaults.explicit()
-
-
-def merge_settings(
-    config: TabbyConfig, model_file_settings: Mapping[str, Any], request: Mapping[str, Any]
-) -> dict[str, Any]:
-    """request > the model's tabby_config.toml > [model_defaults] > [model]."""
-    merged = config.model.load_settings()
-    merged.update(config.model_defaults.explicit())
-    merged.update(model_file_settings)
-    merged.update(request)
-    return merged
+    return config.model_defaults
 
 
 def rope_alpha_for(alpha: object, target: int | None, native: int | None) -> float | None:
@@ -174,30 +160,31 @@ def build_load_spec(
     *,
     name: str,
     path: Path,
-    settings: Mapping[str, Any],
+    settings: ModelSettings,
     draft: DraftSpec | None = None,
     loras: tuple[LoraSpec, ...] = (),
 ) -> LoadSpec:
     """The backend's view of a load: merged settings, a draft model, LoRAs."""
-    max_seq_len = settings.get("max_seq_len")
     return LoadSpec(
         path=path,
         name=name,
-        max_seq_len=max_seq_len,
-        cache_size=settings.get("cache_size"),
-        cache_mode=settings.get("cache_mode") or "FP16",
-        chunk_size=settings.get("chunk_size") or 2048,
-        max_batch_size=settings.get("max_batch_size"),
-        dtype=settings.get("dtype") or "auto",
-        threads=settings.get("threads") or 0,
-        device=settings.get("device") or "auto",
-        gpu_split_auto=bool(settings.get("gpu_split_auto", True)),
-        gpu_split=tuple(settings.get("gpu_split") or ()),
-        autosplit_reserve=tuple(settings.get("autosplit_reserve") or (96,)),
-        tensor_parallel=bool(settings.get("tensor_parallel", False)),
-        rope_scale=settings.get("rope_scale"),
-        rope_alpha=rope_alpha_for(settings.get("rope_alpha"), max_seq_len, _native_context(path)),
-        vision=bool(settings.get("vision", False)),
+        max_seq_len=settings.max_seq_len,
+        cache_size=settings.cache_size,
+        cache_mode=settings.cache_mode or "FP16",
+        chunk_size=settings.chunk_size or 2048,
+        max_batch_size=settings.max_batch_size,
+        dtype=settings.dtype or "auto",
+        threads=settings.threads or 0,
+        device=settings.device or "auto",
+        gpu_split_auto=settings.gpu_split_auto,
+        gpu_split=settings.gpu_split,
+        autosplit_reserve=settings.autosplit_reserve or (96,),
+        tensor_parallel=settings.tensor_parallel,
+        rope_scale=settings.rope_scale,
+        rope_alpha=rope_alpha_for(
+            settings.rope_alpha, settings.max_seq_len, _native_context(path)
+        ),
+        vision=settings.vision,
         draft=draft,
         loras=loras,
     )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from tabby.backends.base import DraftSpec, LoadSpec, LoraSpec, ModelInfo
+from tabby.config import ModelSettings
 from tabby.jobs import Tokenizer
 from tabby.serving.templating import PromptTemplate
 
@@ -18,10 +17,6 @@ if TYPE_CHECKING:
     from tabby.serving.ports import JobSubmitter
 
 __all__ = ["ServingState"]
-
-
-def _read_only(values: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(values))
 
 
 @attrs.frozen
@@ -40,7 +35,7 @@ class ServingState:
     model_path: Path | None = None
     backend_name: str | None = None
     load_spec: LoadSpec | None = None
-    settings: Mapping[str, Any] = attrs.field(factory=dict, converter=_read_only, eq=False)
+    settings: ModelSettings = attrs.field(factory=ModelSettings, eq=False)
     template: PromptTemplate | None = None
     preset_name: str | None = None
     preset: Any = None  # the active sampler preset (tabby.serving.presets), None = no overrides

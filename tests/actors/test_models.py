@@ -254,7 +254,7 @@ async def test_settings_precedence(nursery: trio.Nursery, tmp_path: Path, model_
     await rig.models.load_model_and_wait(ModelLoadRequest(model_name="beta", max_seq_len=400))
     spec = rig.loader.specs[-1]
     assert (spec.max_seq_len, spec.max_batch_size, spec.cache_mode) == (400, 2, "Q8")
-    assert rig.models.serving_state().settings["max_seq_len"] == 400
+    assert rig.models.serving_state().settings.max_seq_len == 400
     (model_dir / "beta" / "tabby_config.toml").write_text("max_seq_lenn = 1\n")
     with pytest.raises(InvalidRequest, match="max_seq_lenn"):
         await rig.models.load_model(ModelLoadRequest(model_name="beta", skip_queue=True))

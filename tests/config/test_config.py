@@ -14,14 +14,17 @@ from tabby.config import (
     UNSET,
     ConfigError,
     LoraEntry,
-    ModelConfigSection,
+    ModelDefaults,
+    ModelSettings,
     TabbyConfig,
     export_config,
     load_config,
+    merge_model_settings,
     parse_cli_overrides,
     structure_load_settings,
 )
 from tabby.config.schema import SECTIONS
+from tabby.errors import InvalidRequest
 
 REPO_TOML = Path(__file__).resolve().parents[2] / "tabby.toml"
 
@@ -141,7 +144,8 @@ def test_model_defaults_distinguish_unset_from_null() -> None:
     cfg = load_config(env={"TABBY_MODEL_DEFAULTS_GPU_SPLIT": "[20, 24.5]"})
     assert cfg.model_defaults.explicit() == {"gpu_split": (20.0, 24.5)}
     assert cfg.model.gpu_split == ()
-    assert set(ModelConfigSection().load_settings()) == set(LOAD_KEYS)
+    assert set(attrs.asdict(merge_model_settings(cfg))) == set(LOAD_KEYS)
+    assert {a.name for a in attrs.fields(ModelDefaults)} == set(LOAD_KEYS)
 
 
 def test_empty_string_means_none_for_optional_names() -> None:
@@ -330,3 +334,35 @@ def test_shipped_folders_are_found_from_any_directory(tmp_path: Path) -> None:
     assert cfg.resolve_shipped("templates") == tmp_path / "templates"
     # A folder that exists nowhere stays where the operator asked for it.
     assert cfg.resolve_shipped("nowhere") == tmp_path / "nowhere"
+
+
+def test_model_settings_merge_in_one_place_with_request_first() -> None:
+    conf = _write(
+        Path("m.toml"),
+        "[model]\nmax_seq_len = 100\ncache_mode = \"Q8\"\nchunk_size = 32\n"
+        "[model_defaults]\nmax_seq_len = 200\nchunk_size = 64\nreasoning = true\n",
+    )
+    cfg = load_config(config_path=conf, env={})
+    base = merge_model_settings(cfg)
+    assert isinstance(base, ModelSettings)
+    assert (base.max_seq_len, base.cache_mode, base.chunk_size, base.reasoning) == (
+        200, "Q8", 64, True
+    )
+    model_file = structure_load_settings({"max_seq_len": 300}, source="m/tabby_config.toml")
+    merged = merge_model_settings(cfg, model_file, {"cache_mode": "Q4", "max_batch_size": 3})
+    assert (merged.max_seq_len, merged.cache_mode, merged.chunk_size) == (300, "Q4", 64)
+    assert merged.max_batch_size == 3
+    # The request wins over the model's file, which wins over [model_defaults].
+    top = merge_model_settings(cfg, model_file, {"max_seq_len": 400})
+    assert top.max_seq_len == 400
+    # [model] and [model_defaults] stay as they were: nothing is merged in place.
+    assert cfg.model.max_seq_len == 100
+    assert cfg.model_defaults.explicit() == {"max_seq_len": 200, "chunk_size": 64, "reasoning": True}
+    assert merge_model_settings(cfg, ModelDefaults(), {}) == base
+
+
+def test_model_settings_check_request_values_with_the_rules_of_model() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        merge_model_settings(TabbyConfig(), request={"cache_mode": "Q5"})
+    assert info.value.param == "cache_mode"
+    assert "Q5" in info.value.message

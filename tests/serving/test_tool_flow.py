@@ -10,6 +10,7 @@ import attrs
 import pytest
 
 from tabby.backends.scripted import ScriptedBackend
+from tabby.config import ModelSettings
 from tabby.errors import InvalidRequest
 from tabby.http.openai.requests import ChatCompletionRequest
 from tabby.jobs.events import Finished
@@ -33,7 +34,7 @@ def state(template: str = "tool_calls/chatml_with_tools", **settings: Any) -> Se
         tokenizer=backend.tokenizer,
         model_name="m",
         template=load_named_template(REPO / "templates", template),
-        settings=settings,
+        settings=ModelSettings(**settings),
     )
 
 
