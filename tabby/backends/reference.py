@@ -37,8 +37,9 @@ from tabby.backends.base import (
     ProgressCallback,
 )
 from tabby.engine.cache import PagedKVCache
+from tabby.engine.checkpoint import Checkpoint
 from tabby.engine.generator import Generator, GeneratorLimits
-from tabby.engine.loading import Checkpoint, load_checkpoint
+from tabby.engine.loading import load_checkpoint
 from tabby.engine.model import build_weights
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest

@@ -20,9 +20,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from tabby.engine.checkpoint import Checkpoint, GenerationDefaults, LoadProgressFn, merge_eos_ids
 from tabby.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from tabby.engine.gguf_vocab import gguf_tokenizer
-from tabby.engine.loading import Checkpoint, GenerationDefaults, LoadProgressFn, merge_eos_ids
 from tabby.errors import NotSupported
 
 __all__ = ["SUPPORTED_TENSOR_TYPES", "GGUFFile", "TensorInfo", "load_gguf", "read_gguf"]

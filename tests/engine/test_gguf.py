@@ -13,9 +13,10 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from tabby.engine.checkpoint import Checkpoint
 from tabby.engine.embedded import DEFAULT_MODEL_NAME
 from tabby.engine.gguf import read_gguf
-from tabby.engine.loading import Checkpoint, load_checkpoint
+from tabby.engine.loading import load_checkpoint
 from tabby.errors import NotSupported
 from tabby.testing.tiny import make_tiny_gguf, make_tiny_hf
 

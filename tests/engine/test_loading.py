@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tabby.engine.loading import Checkpoint, load_checkpoint, merge_eos_ids
+from tabby.engine.checkpoint import Checkpoint, merge_eos_ids
+from tabby.engine.loading import load_checkpoint
 from tabby.errors import NotFound, NotSupported
 from tabby.testing.tiny import (
     BOS_ID,
