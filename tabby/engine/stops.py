@@ -15,7 +15,8 @@ and both hold back text that could still turn into one of their strings.
 The stop string and everything after it never reach the output. When several stop
 strings complete, the one that completes first in the text wins (ties: the longest), so
 the result does not depend on how the text was split into chunks. At most
-``max(len(stop)) - 1`` characters are held.
+``max(len(stop)) - 1`` characters are held. Matching runs on one Aho–Corasick automaton
+(:class:`Matcher`), so memory and time stay linear in the strings' length.
 
 **Banned strings** (:class:`BannedStringChecker`) work per token, because a completed
 banned string must be taken back by rewinding tokens. Matching is case-insensitive. Per
@@ -44,37 +45,95 @@ text only) needs no rewind.
 
 from __future__ import annotations
 
-import itertools
+from collections import deque
 from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["BanVerdict", "BannedStringChecker", "StopChecker", "StopHit"]
+__all__ = ["BanVerdict", "BannedStringChecker", "Matcher", "StopChecker", "StopHit"]
 
 
-def _proper_prefixes(strings: Iterable[str]) -> frozenset[str]:
-    return frozenset(s[:k] for s in strings for k in range(1, len(s)))
+class Matcher:
+    """An Aho–Corasick automaton over a set of strings: memory and time linear in them.
 
+    A state stands for the longest suffix of the text scanned so far that is a prefix of
+    one of the strings; its :meth:`depth` is that suffix's length, which is how much text
+    must be held back because it could still become a match. :meth:`step` advances by one
+    character and reports the longest string that ends there, so scanning left to right
+    finds the match that ends first (ties: the longest), whatever the chunking.
+    """
 
-def _held_suffix(text: str, prefixes: frozenset[str], longest: int) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a string."""
-    for k in range(min(len(text), longest - 1), 0, -1):
-        if text[-k:] in prefixes:
-            return k
-    return 0
+    ROOT = 0
 
+    def __init__(self, strings: Iterable[str]) -> None:
+        # Per state: transitions, suffix link, depth, and the longest string ending here.
+        self._goto: list[dict[str, int]] = [{}]
+        self._fail: list[int] = [0]
+        self._depth: list[int] = [0]
+        self._ends: list[str | None] = [None]
+        for string in strings:
+            self._add(string)
+        self._link()
 
-def _first_match(text: str, strings: tuple[str, ...]) -> tuple[int, str] | None:
-    """(start, string) of the match that ends first in ``text`` (ties: the longest)."""
-    best: tuple[int, int, str] | None = None
-    for s in strings:
-        start = text.find(s)
-        if start < 0:
-            continue
-        key = (start + len(s), start, s)
-        if best is None or key[:2] < best[:2]:
-            best = key
-    return None if best is None else (best[1], best[2])
+    def _add(self, string: str) -> None:
+        state = self.ROOT
+        for char in string:
+            nxt = self._goto[state].get(char)
+            if nxt is None:
+                nxt = len(self._goto)
+                self._goto[state][char] = nxt
+                self._goto.append({})
+                self._fail.append(self.ROOT)
+                self._depth.append(self._depth[state] + 1)
+                self._ends.append(None)
+            state = nxt
+        self._ends[state] = string
+
+    def _link(self) -> None:
+        # Breadth first, so a state's suffix link is final before its children need it.
+        queue = deque(self._goto[self.ROOT].values())
+        while queue:
+            state = queue.popleft()
+            for char, child in self._goto[state].items():
+                queue.append(child)
+                fail = self._fail[state]
+                while fail and char not in self._goto[fail]:
+                    fail = self._fail[fail]
+                link = self._goto[fail].get(char, self.ROOT)
+                self._fail[child] = link if link != child else self.ROOT
+                if self._ends[child] is None:
+                    # No string ends exactly here: the longest one ending at a suffix does.
+                    self._ends[child] = self._ends[self._fail[child]]
+
+    def step(self, state: int, char: str) -> int:
+        goto, fail = self._goto, self._fail
+        while True:
+            nxt = goto[state].get(char)
+            if nxt is not None:
+                return nxt
+            if state == self.ROOT:
+                return self.ROOT
+            state = fail[state]
+
+    def depth(self, state: int) -> int:
+        return self._depth[state]
+
+    def ends(self, state: int) -> str | None:
+        """The longest string that ends at this state, if any."""
+        return self._ends[state]
+
+    def scan(self, state: int, text: str) -> tuple[int, int, str | None]:
+        """Feed ``text``: (state, characters consumed, the string that matched or None).
+
+        Stops right after the first match; otherwise consumes all of ``text``.
+        """
+        ends = self._ends
+        for i, char in enumerate(text):
+            state = self.step(state, char)
+            found = ends[state]
+            if found is not None:
+                return state, i + 1, found
+        return state, len(text), None
 
 
 @attrs.frozen
@@ -90,8 +149,8 @@ class StopChecker:
 
     def __init__(self, stop_strings: Iterable[str]) -> None:
         self._stops = tuple(dict.fromkeys(s for s in stop_strings if s))
-        self._prefixes = _proper_prefixes(self._stops)
-        self._longest = max((len(s) for s in self._stops), default=0)
+        self._matcher = Matcher(self._stops)
+        self._state = Matcher.ROOT
         self._held = ""
         self._stopped = False
 
@@ -107,13 +166,14 @@ class StopChecker:
         if not self._stops:
             return StopHit(text)
         buffer = self._held + text
-        match = _first_match(buffer, self._stops)
-        if match is not None:
-            start, stop = match
+        self._state, used, stop = self._matcher.scan(self._state, text)
+        if stop is not None:
+            # The match lies within the held text and what was just consumed.
+            end = len(self._held) + used
             self._held = ""
             self._stopped = True
-            return StopHit(buffer[:start], stop)
-        keep = _held_suffix(buffer, self._prefixes, self._longest)
+            return StopHit(buffer[: end - len(stop)], stop)
+        keep = self._matcher.depth(self._state)
         self._held = buffer[len(buffer) - keep :]
         return StopHit(buffer[: len(buffer) - keep])
 
@@ -146,6 +206,8 @@ class _Pending:
     token_id: int
     text: str
     folded: str
+    state: int  # the matcher's state after this token's text
+    clean: bool  # released up to here, no suffix could begin a banned string
 
 
 class BannedStringChecker:
@@ -153,9 +215,9 @@ class BannedStringChecker:
 
     def __init__(self, banned_strings: Iterable[str]) -> None:
         self._banned = tuple(dict.fromkeys(_fold(s) for s in banned_strings if s))
-        self._prefixes = _proper_prefixes(self._banned)
-        self._longest = max((len(s) for s in self._banned), default=0)
+        self._matcher = Matcher(self._banned)
         self._pending: list[_Pending] = []
+        self._chars = 0  # folded characters of the pending tokens
         self._position = 0  # tokens accepted so far (released or pending)
         self._bans: dict[int, set[int]] = {}
 
@@ -178,33 +240,33 @@ class BannedStringChecker:
         if not self._banned:
             self._position += 1
             return BanVerdict(text, (token_id,))
-        self._pending.append(_Pending(token_id, text, _fold(text)))
+        folded = _fold(text)
+        # Released text always ends where no banned string can begin: the start state.
+        before = self._pending[-1].state if self._pending else Matcher.ROOT
+        state, used, found = self._matcher.scan(before, folded)
+        # A trailing empty-text token may hold the first bytes of the next character, so
+        # it stays with that character.
+        clean = bool(folded) and found is None and self._matcher.depth(state) == 0
+        self._pending.append(_Pending(token_id, text, folded, state, clean))
         self._position += 1
-        folded = "".join(p.folded for p in self._pending)
-        match = _first_match(folded, self._banned)
-        if match is not None:
-            return self._rewind_to(self._token_at(match[0]))
-        return self._release(self._releasable(folded))
+        start = self._chars
+        self._chars += len(folded)
+        if found is not None:
+            return self._rewind_to(self._token_at(start + used - len(found)))
+        return self._release(self._releasable())
 
     def flush(self) -> BanVerdict:
         """The job ended: release every held token."""
         return self._release(len(self._pending))
 
-    def _releasable(self, folded: str) -> int:
+    def _releasable(self) -> int:
         """How many pending tokens may be released.
 
         Released text must stay clean whatever follows it, including a resample after a
-        rewind: no suffix of it may begin a banned string. A trailing empty-text token may
-        hold the first bytes of the next character, so it stays with that character.
+        rewind: no suffix of it may begin a banned string. Every feed releases up to the
+        last clean token, so only the newest one can be clean.
         """
-        ends = list(itertools.accumulate(len(p.folded) for p in self._pending))
-        for count in range(len(self._pending), 0, -1):
-            if not self._pending[count - 1].folded:
-                continue
-            end = ends[count - 1]
-            if _held_suffix(folded[:end], self._prefixes, self._longest) == 0:
-                return count
-        return 0
+        return len(self._pending) if self._pending and self._pending[-1].clean else 0
 
     def _token_at(self, offset: int) -> int:
         """Index in the pending list of the token whose text holds character ``offset``.
@@ -226,6 +288,7 @@ class BannedStringChecker:
     def _rewind_to(self, index: int) -> BanVerdict:
         rewind = len(self._pending) - index
         banned = self._pending[index].token_id
+        self._chars -= sum(len(p.folded) for p in self._pending[index:])
         del self._pending[index:]
         self._position -= rewind
         for position in [p for p in self._bans if p > self._position]:
@@ -235,4 +298,5 @@ class BannedStringChecker:
 
     def _release(self, count: int) -> BanVerdict:
         out, self._pending = self._pending[:count], self._pending[count:]
+        self._chars -= sum(len(p.folded) for p in out)
         return BanVerdict("".join(p.text for p in out), tuple(p.token_id for p in out))

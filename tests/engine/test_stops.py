@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from tabby.engine.sampling import SamplingState, sample
-from tabby.engine.stops import BannedStringChecker, StopChecker
+from tabby.engine.stops import BannedStringChecker, BanVerdict, StopChecker
 from tabby.jobs import SamplerSettings
 
 
@@ -226,3 +228,48 @@ def test_random_generation_with_rewinds_keeps_every_banned_string_out() -> None:
     assert rewinds > 10
     assert text == "".join(pieces[t] for t in sequence)
     assert not any(b.lower() in text.lower() for b in banned)
+
+
+def _peak_bytes(build: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        keep = build()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del keep
+    return peak
+
+
+@pytest.mark.parametrize("checker", [StopChecker, BannedStringChecker])
+def test_long_strings_cost_linear_memory(checker: Callable[[list[str]], object]) -> None:
+    # Every prefix of a 20,000-character string would be ~200 M characters.
+    small = _peak_bytes(lambda: checker(["ab" * 10_000]))
+    large = _peak_bytes(lambda: checker(["ab" * 20_000]))
+    assert small < 20 * 2**20
+    assert large < 3 * small
+
+
+def test_a_long_stop_string_still_matches_across_chunks() -> None:
+    stop = "xy" * 5_000
+    checker = StopChecker([stop, "never"])
+    out = [checker.feed("hello " + stop[:3001]).text]
+    out.append(checker.feed(stop[3001:6000]).text)
+    hit = checker.feed(stop[6000:] + " after")
+    assert "".join(out) + hit.text == "hello "
+    assert hit.stop == stop
+
+
+def test_a_long_banned_string_is_rewound() -> None:
+    banned = "ab" * 3_000
+    checker = BannedStringChecker([banned])
+    released: list[str] = []
+    verdict = BanVerdict()
+    for i, piece in enumerate(["x", *[banned[j : j + 4] for j in range(0, len(banned), 4)]]):
+        verdict = checker.feed(i, piece)
+        released.append(verdict.text)
+        if verdict.rewind:
+            break
+    assert "".join(released) == "x"
+    assert verdict.rewind == len(banned) // 4
+    assert verdict.ban == 1
