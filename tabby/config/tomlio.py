@@ -9,11 +9,12 @@ the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tomlkit
@@ -21,7 +22,7 @@ import tomlkit.exceptions
 
 from tabby.config.errors import ConfigError
 
-__all__ = ["edit_toml", "read_toml", "write_toml_atomic"]
+__all__ = ["edit_toml", "locked", "read_toml", "write_toml_atomic"]
 
 _DEFAULT_MODE = 0o644
 
@@ -89,6 +90,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock for a read-modify-write of ``path``.
+
+    The lock is a ``.<name>.lock`` file beside it: ``path`` itself is replaced on every
+    write, so a lock on its inode would not be seen by the next writer. Released when the
+    block ends, or when the process dies.
+    """
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def edit_toml(
     path: Path,
     fn: Callable[[tomlkit.TOMLDocument], None],
@@ -97,8 +115,10 @@ def edit_toml(
 ) -> None:
     """Read ``path`` (missing = empty), let ``fn`` change the document, write it atomically.
 
-    Comments, blank lines and key order of the parts ``fn`` leaves alone are kept.
+    Comments, blank lines and key order of the parts ``fn`` leaves alone are kept. Two
+    edits at once (two ``tabby keys add``) take turns, so neither loses the other's change.
     """
-    doc = read_toml(path)
-    fn(doc)
-    write_toml_atomic(path, doc, mode=mode)
+    with locked(path):
+        doc = read_toml(path)
+        fn(doc)
+        write_toml_atomic(path, doc, mode=mode)

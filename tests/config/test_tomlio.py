@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tomlkit
 
+from tabby.actors.keyfile import create_key_file, read_key_file
 from tabby.config import ConfigError, edit_toml, read_toml, write_toml_atomic
 
 ORIGINAL = """\
@@ -107,3 +110,38 @@ def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     [line] = info.value.lines
     assert line.startswith(f"{path}:3: TOML syntax error: ")
     assert path.read_text(encoding="utf-8") == 'a = 1\n\nb = "unterminated\n'
+
+
+_ADD_KEYS = """
+import sys
+from pathlib import Path
+from tabby.actors.keyfile import add_api_key
+path = Path(sys.argv[1])
+sys.stdin.readline()  # start together
+for _ in range(int(sys.argv[2])):
+    print(add_api_key(path), flush=True)
+"""
+
+
+def test_concurrent_key_adds_keep_every_key(tmp_path: Path) -> None:
+    path = tmp_path / "api_tokens.toml"
+    create_key_file(path)
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ADD_KEYS, str(path), "3"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
+        )
+        for _ in range(8)
+    ]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    added: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        added.extend(out.split())
+    assert len(added) == 24
+    assert set(added) <= set(read_key_file(path).api_keys)
