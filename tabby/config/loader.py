@@ -9,6 +9,7 @@ and every problem becomes one line of a :class:`ConfigError` naming its source.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import typing
@@ -24,6 +25,7 @@ from tabby.config.schema import (
     SECTIONS,
     ModelDefaults,
     ModelSettings,
+    NetworkConfig,
     TabbyConfig,
 )
 from tabby.config.sources import Layer, env_layer, file_layer, parse_cli_overrides
@@ -82,10 +84,34 @@ def structure_config(
             [_format_issue(issue, origins or {}, schema) for issue in exc.issues]
         ) from None
     sections = {name: getattr(doc, name) for name, _ in SECTIONS}
-    return TabbyConfig(
+    config = TabbyConfig(
         **sections,
         base_dir=base_dir if base_dir is not None else Path.cwd(),
         config_file=config_file,
+    )
+    _refuse_open_admin(config.network, origins or {})
+    return config
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _refuse_open_admin(network: NetworkConfig, origins: Mapping[str, str]) -> None:
+    """``disable_auth`` makes every caller admin: only on loopback, unless asked for."""
+    if not network.disable_auth or network.allow_open_network or _is_loopback(network.host):
+        return
+    raise ConfigError(
+        [
+            f"{_origin('network.disable_auth', origins)}: network.disable_auth: refused with network.host = {network.host!r}: "
+            "every caller who reaches the port would be admin; listen on 127.0.0.1, keep "
+            "the keys, or set network.allow_open_network = true"
+        ]
     )
 
 

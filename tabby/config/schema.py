@@ -144,6 +144,13 @@ class NetworkConfig:
     disable_auth: bool = attrs.field(
         default=False, metadata=_doc("Skip API-key checks: every caller is admin.")
     )
+    allow_open_network: bool = attrs.field(
+        default=False,
+        metadata=_doc(
+            "Allow disable_auth with a host other than loopback: anyone who reaches the port "
+            "is admin."
+        ),
+    )
     disable_fetch_requests: bool = attrs.field(
         default=False,
         metadata=_doc("Refuse to fetch remote image URLs (base64 data URLs still work)."),
@@ -165,7 +172,11 @@ class NetworkConfig:
         15.0, "Seconds between keep-alive comments on SSE streams; 0 disables them.", 0
     )
     cors_origins: tuple[str, ...] = attrs.field(
-        default=("*",), metadata=_doc("Origins allowed by CORS; [] disables CORS headers.")
+        default=(),
+        metadata=_doc(
+            'Web origins allowed to call the API from a browser (e.g. ["http://localhost:3000"],'
+            ' or ["*"] for any); [] sends no CORS headers.'
+        ),
     )
     max_body_size: int = _int_field(16777216, "Largest accepted request body, in bytes.", 1)
     shutdown_grace: float = _num_field(

@@ -164,6 +164,8 @@ def test_cli_flag_forms() -> None:
             "--api-servers=KOBOLD",
             "--host",
             "0.0.0.0",
+            "--network.allow_open_network",
+            "true",
             "--model.gpu-split",
             "[10, 12]",
             "--model.gpu_split",
@@ -366,3 +368,25 @@ def test_model_settings_check_request_values_with_the_rules_of_model() -> None:
         merge_model_settings(TabbyConfig(), request={"cache_mode": "Q5"})
     assert info.value.param == "cache_mode"
     assert "Q5" in info.value.message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "myhost.example"])
+def test_open_admin_on_the_network_is_refused(host: str) -> None:
+    env = {"TABBY_NETWORK_DISABLE_AUTH": "true", "TABBY_NETWORK_HOST": f'"{host}"'}
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    (line,) = info.value.lines
+    assert line.startswith("env TABBY_NETWORK_DISABLE_AUTH: network.disable_auth: refused")
+    assert "allow_open_network" in line
+    allowed = load_config(env={**env, "TABBY_NETWORK_ALLOW_OPEN_NETWORK": "true"})
+    assert allowed.network.disable_auth
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_open_admin_on_loopback_is_allowed(host: str) -> None:
+    env = {"TABBY_NETWORK_DISABLE_AUTH": "true", "TABBY_NETWORK_HOST": f'"{host}"'}
+    assert load_config(env=env).network.host == host
+
+
+def test_cors_is_off_unless_origins_are_listed() -> None:
+    assert TabbyConfig().network.cors_origins == ()
