@@ -65,6 +65,8 @@ def _hypercorn_config(config: TabbyConfig) -> HypercornConfig:
     hconfig = HypercornConfig()
     hconfig.bind = [_bind(config.network.host, config.network.port)]
     hconfig.graceful_timeout = config.network.shutdown_grace
+    # hypercorn's default of 100 refuses (resets) a burst of a few hundred connections.
+    hconfig.backlog = config.network.backlog
     hconfig.accesslog = None  # tabby writes its own access line (tabby.logs)
     hconfig.errorlog = logging.getLogger("hypercorn.error")
     return hconfig

@@ -179,6 +179,12 @@ class NetworkConfig:
         ),
     )
     max_body_size: int = _int_field(16777216, "Largest accepted request body, in bytes.", 1)
+    backlog: int = _int_field(
+        2048,
+        "Connections the kernel queues before they are accepted (capped by the system's "
+        "somaxconn); a burst larger than this is refused.",
+        1,
+    )
     shutdown_grace: float = _num_field(
         5.0, "Seconds live requests get to finish on shutdown before they are cancelled.", 0
     )
