@@ -30,14 +30,13 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from tabby.actors.messages import LoadProgress, ModelLoaded, TextChunk  # noqa: E402
+from tabby.actors.messages import LoadProgress, ModelLoaded  # noqa: E402
 from tabby.actors.models import ModelManager, ModelManagerHandle  # noqa: E402
 from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle  # noqa: E402
-from tabby.backends.base import SamplerSettings  # noqa: E402
 from tabby.backends.registry import BackendEntry, BackendRegistry, default_registry  # noqa: E402
 from tabby.config.loader import structure_config  # noqa: E402
-from tabby.jobs import ConstraintSpec, GenerationJob  # noqa: E402
-from tabby.jobs.events import Failed, Finished  # noqa: E402
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings  # noqa: E402
+from tabby.jobs.events import Failed, Finished, TextChunk  # noqa: E402
 from tabby.serving.model_settings import ModelLoadRequest  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0)

@@ -51,6 +51,7 @@ class LiveJob:
     job: object  # the library job
     limits: JobLimits
     tokens: int  # prompt and output so far, for the cache page estimate
+    top_logprobs: int = 0  # alternatives per token, where logprobs come from logits
 
 
 class LibraryParts(Protocol):
@@ -134,7 +135,8 @@ class LibraryBackend(abc.ABC, Generic[PartsT]):
         except AssertionError as exc:
             # enqueue's assertions are all about the job never fitting the cache.
             raise ContextLengthExceeded(f"the job does not fit the cache: {exc}") from None
-        self._live[job.job_id] = LiveJob(lib_job, limits, len(job.prompt_ids))
+        top = job.top_logprobs if job.logprobs else 0
+        self._live[job.job_id] = LiveJob(lib_job, limits, len(job.prompt_ids), top)
         self._by_job[id(lib_job)] = job.job_id
 
     def cancel(self, job_id: str) -> None:
@@ -154,6 +156,7 @@ class LibraryBackend(abc.ABC, Generic[PartsT]):
             self._job_id_of,
             self._tokenizer,
             context_bound=lambda job_id: self._live[job_id].limits.context_bound,
+            top_logprobs=lambda job_id: self._live[job_id].top_logprobs,
         )
         self._last_batch = 0
         for i, result in enumerate(results):

@@ -56,6 +56,7 @@ __all__ = [
     "common_job_kwargs",
     "import_library",
     "job_limits",
+    "logprobs_from_logits",
     "parse_cache_mode_v2",
     "parse_cache_mode_v3",
     "placement",
@@ -423,7 +424,11 @@ def _logprob(p: float) -> float:
     return max(math.log(p), LOGPROB_FLOOR)
 
 
-def _logprobs(result: Mapping[str, Any], ids: list[int], pieces: PieceSource) -> list[TokenLogprob]:
+def _logprobs(
+    result: Mapping[str, Any], ids: list[int], pieces: PieceSource, top_n: int
+) -> list[TokenLogprob]:
+    if result.get("logits") is not None:
+        return logprobs_from_logits(result["logits"], ids, pieces, top_n)
     probs = rows_of(result["token_probs"]) if "token_probs" in result else []
     if not probs:
         return []
@@ -441,6 +446,50 @@ def _logprobs(result: Mapping[str, Any], ids: list[int], pieces: PieceSource) ->
     return out
 
 
+def logprobs_from_logits(
+    logits: Any, ids: Sequence[int], pieces: PieceSource, top_n: int
+) -> list[TokenLogprob]:
+    """Logprobs of the model's distribution from a ``(1, n, vocab)`` logits tensor.
+
+    As the reference engine reports them: softmax at temperature 1 of the logits after
+    bias, penalties and bans (exllamav2 applies those to the tensor it returns), before
+    any truncation; so greedy decoding still reports how sure the model was, not the
+    sampler's one-hot choice. Banned tokens (-inf) never appear among the alternatives.
+    """
+    import torch
+
+    rows = logits[0, : len(ids)].float()
+    logp = torch.log_softmax(rows, dim=-1)
+    chosen = torch.tensor(list(ids), dtype=torch.long).unsqueeze(1)
+    picked = logp.gather(1, chosen).squeeze(1).tolist()
+    top_ids: list[list[int]] = []
+    top_lps: list[list[float]] = []
+    if top_n > 0:
+        values, indices = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+        top_ids, top_lps = indices.tolist(), values.tolist()
+    out: list[TokenLogprob] = []
+    for i, token in enumerate(ids):
+        top: tuple[tuple[int, str, float], ...] = ()
+        if top_n > 0:
+            top = tuple(
+                (int(t), pieces.piece(int(t)), max(float(v), LOGPROB_FLOOR))
+                for t, v in zip(top_ids[i], top_lps[i], strict=True)
+                if not math.isinf(v)
+            )
+        out.append(
+            TokenLogprob(
+                int(token), pieces.piece(int(token)), _floored(float(picked[i])), top
+            )
+        )
+    return out
+
+
+def _floored(logprob: float) -> float:
+    if math.isnan(logprob):
+        return LOGPROB_FLOOR
+    return max(logprob, LOGPROB_FLOOR)
+
+
 @attrs.define
 class _Merged:
     job_id: str
@@ -456,6 +505,7 @@ def translate_results(
     pieces: PieceSource,
     *,
     context_bound: Callable[[str], bool] = lambda _job_id: False,
+    top_logprobs: Callable[[str], int] = lambda _job_id: 0,
 ) -> list[JobResult]:
     """One ``JobResult`` per job of one ``iterate()`` call, in first-seen order.
 
@@ -463,7 +513,9 @@ def translate_results(
     merged; ``started``/``prefill`` carry nothing a client sees. ``job_id_of`` maps a
     dict to our job id (None: a job we no longer track, e.g. cancelled). A v3
     ``error`` result fails that job only. ``context_bound(job_id)`` tells whether the
-    job's max_new_tokens was cut to the context (its end is then ``context_length``).
+    job's max_new_tokens was cut to the context (its end is then ``context_length``);
+    ``top_logprobs(job_id)`` is how many alternatives a job gets when its logprobs are
+    computed from returned logits.
     """
     merged: dict[str, _Merged] = {}
     for result in results:
@@ -482,7 +534,8 @@ def translate_results(
         ids = [int(t) for t in rows_of(result["token_ids"])] if "token_ids" in result else []
         entry.text += str(result.get("text", ""))
         entry.token_ids += ids
-        entry.logprobs += _logprobs(result, ids, pieces)
+        if ids:
+            entry.logprobs += _logprobs(result, ids, pieces, top_logprobs(job_id))
         if result.get("eos"):
             entry.final = result
     return [_to_job_result(m, context_bound(m.job_id)) for m in merged.values()]

@@ -187,6 +187,12 @@ def job_kwargs(
         "gen_settings": gen_settings,
         "filter_prefer_eos": True,
         "banned_strings": banned or None,
+        # The library's probabilities are those of the truncated distribution it sampled
+        # from (greedy: one-hot, 0 / -1000); logprobs are computed from the logits instead
+        # (``exllama_common.logprobs_from_logits``).
+        "return_probs": False,
+        "return_top_tokens": 0,
+        "return_logits": job.logprobs,
     }
 
 

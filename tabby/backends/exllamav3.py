@@ -10,8 +10,9 @@ on machines without a GPU; the library objects are made from them at the last mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from tabby.backends.exllama_common import (
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import ConstraintError, NotSupported
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
+from tabby.jobs.constraints import llguidance_grammar
 
 __all__ = [
     "DEFAULT_DRAFT_TOKENS",
@@ -50,6 +52,7 @@ __all__ = [
     "load",
     "load_kwargs",
     "materialise_sampler",
+    "requeue_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,12 +68,6 @@ RECURRENT_MAX_BATCH_SIZE = 4
 WHOLE_CONTEXT = int(10e7)
 # Samplers that take the library tokenizer (XTC's protected tokens, DRY's defaults).
 _NEEDS_TOKENIZER = frozenset({"SS_XTC", "SS_DRY"})
-_GRAMMAR_KEYS = {
-    "json_schema": "json_schema",
-    "regex": "regex",
-    "lark": "lark_grammar",
-    "gbnf": "gbnf_grammar",
-}
 
 Step = tuple[str, dict[str, Any]]
 
@@ -167,8 +164,24 @@ def materialise_sampler(steps: Sequence[Step], lib: ModuleType, tokenizer: objec
 
 
 def filter_kwargs(constraint: ConstraintSpec) -> dict[str, Any]:
-    """``LLGuidanceFilter`` arguments besides the tokenizer; completion ends the job."""
-    return {"eos_after_completed": True, _GRAMMAR_KEYS[constraint.kind]: constraint.source}
+    """``LLGuidanceFilter`` arguments besides the tokenizer; completion ends the job.
+
+    The grammar is compiled by tabby's own constraint compiler, so JSON is bounded the
+    same way on every backend (the library's defaults let whitespace fill the budget).
+    """
+    return {"eos_after_completed": True, "llg_grammar": llguidance_grammar(constraint)}
+
+
+def requeue_budget(max_new_tokens: int, chunk_size: int) -> int | None:
+    """``max_rq_tokens``: how many new tokens the library reserves cache pages for at once.
+
+    The library reserves pages for prompt + this budget (rounded up to whole pages) before
+    a job may start, so a budget far above what the job can generate keeps other jobs
+    waiting: a chunk of 2048 for a 256-token answer took 9 pages instead of 2, and only 3
+    of 16 jobs fit a 32-page cache. None reserves exactly the answer; only an answer
+    longer than a chunk is generated chunk by chunk (its pages are requeued per chunk).
+    """
+    return chunk_size if max_new_tokens > chunk_size else None
 
 
 def job_kwargs(
@@ -188,8 +201,7 @@ def job_kwargs(
         ),
         "sampler": sampler,
         "banned_strings": clean_strings(job.banned_strings),
-        # Output chunking: a long generation gives its pages back every chunk.
-        "max_rq_tokens": chunk_size,
+        "max_rq_tokens": requeue_budget(limits.max_new_tokens, chunk_size),
     }
 
 
@@ -310,12 +322,55 @@ def _load_component(
     progress: ProgressCallback,
 ) -> None:
     """Run ``model.load_gen`` to the end, one LoadProgress per module."""
-    total = 0
-    for item in model.load_gen(**kwargs):
-        if isinstance(item, tuple) and len(item) == 2:
-            done, total = int(item[0]), int(item[1])
+    modules = list(getattr(model, "modules", None) or ())
+    total = len(modules)
+    if "device" in kwargs:
+        # Onto one device, load_gen loads every module without yielding: count the
+        # modules' own loads instead.
+        def report(done: int) -> None:
             progress(LoadProgress(kind, done, total))
+
+        with _counting_loads(modules, report):
+            for _ in model.load_gen(**kwargs):
+                pass
+    else:
+        for item in model.load_gen(**kwargs):
+            if isinstance(item, tuple) and len(item) == 2:
+                done, total = int(item[0]), int(item[1])
+                progress(LoadProgress(kind, done, total))
     progress(LoadProgress(kind, total, total, "finished"))
+
+
+@contextlib.contextmanager
+def _counting_loads(modules: Sequence[Any], report: Callable[[int], None]) -> Iterator[None]:
+    """Call ``report(n)`` after each of ``modules`` has loaded (n loads so far).
+
+    Each module's ``load`` is shadowed on the instance for the duration only.
+    """
+    done = 0
+
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        def load(*args: Any, **kwargs: Any) -> Any:
+            nonlocal done
+            result = original(*args, **kwargs)
+            done += 1
+            report(done)
+            return result
+
+        return load
+
+    wrapped = []
+    for module in modules:
+        try:
+            module.load = counted(module.load)
+        except AttributeError:  # no per-instance attributes: no progress for it
+            continue
+        wrapped.append(module)
+    try:
+        yield
+    finally:
+        for module in wrapped:
+            del module.load
 
 
 def _make_cache(lib: ModuleType, model: Any, kwargs: Mapping[str, Any]) -> Any:

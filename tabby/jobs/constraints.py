@@ -67,6 +67,7 @@ __all__ = [
     "LLGuidanceMasker",
     "TokenSource",
     "constraint_from_request",
+    "llguidance_grammar",
     "request_field",
     "validate",
 ]
@@ -189,8 +190,12 @@ def _response_format(fmt: Mapping[str, Any] | None) -> ConstraintSpec | None:
 # -- validation ----------------------------------------------------------------------------
 
 
-def _grammar(spec: ConstraintSpec) -> str:
-    """The llguidance grammar for a spec; text that cannot even be converted is a 400."""
+def llguidance_grammar(spec: ConstraintSpec) -> str:
+    """The llguidance grammar for a spec; text that cannot even be converted is a 400.
+
+    Every backend constrains through this grammar (the exllamav3 filter takes it as
+    ``llg_grammar``), so JSON whitespace is bounded alike everywhere (``_JSON_OPTIONS``).
+    """
     field = request_field(spec)
     if spec.kind == "json_schema":
         try:
@@ -220,7 +225,7 @@ def validate(spec: ConstraintSpec, compiler: ConstraintCompiler | None = None) -
 
     Returns the llguidance grammar; raises ``ConstraintError`` naming the field.
     """
-    grammar = _grammar(spec)
+    grammar = llguidance_grammar(spec)
     lltok = compiler.ll_tokenizer() if compiler is not None else None
     problem = llguidance.LLMatcher.validate_grammar(grammar, lltok)
     if problem:
@@ -274,7 +279,7 @@ class ConstraintCompiler:
         Raises ``ConstraintError`` (400) for an invalid spec, like :func:`validate`.
         """
         lltok = self.ll_tokenizer()
-        matcher = llguidance.LLMatcher(lltok, _grammar(spec))
+        matcher = llguidance.LLMatcher(lltok, llguidance_grammar(spec))
         if matcher.is_error():  # the matcher never raises: a bad grammar shows here
             field = request_field(spec)
             problem = matcher.get_error().strip()

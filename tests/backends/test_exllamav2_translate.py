@@ -97,8 +97,8 @@ def test_job_kwargs_every_field() -> None:
     assert kw.pop("input_ids").tolist() == [[1, 2, 3]]
     assert kw == {
         "max_new_tokens": 9, "min_new_tokens": 1, "max_skips": 4, "gen_settings": "G", "seed": 3,
-        "stop_conditions": [2, "\n\n"], "decode_special_tokens": True, "return_top_tokens": 2,
-        "return_logits": False, "return_probs": True, "filters": [], "filter_prefer_eos": True,
+        "stop_conditions": [2, "\n\n"], "decode_special_tokens": True, "return_top_tokens": 0,
+        "return_logits": True, "return_probs": False, "filters": [], "filter_prefer_eos": True,
         "token_healing": False, "identifier": "a", "banned_strings": ["nope"], "embeddings": [],
     }
     with pytest.raises(NotSupported):

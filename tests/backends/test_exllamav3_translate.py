@@ -111,19 +111,42 @@ def test_job_kwargs_every_field() -> None:
         "stop_conditions": [2, 0, 11, "END"], "decode_special_tokens": True,
         "return_top_tokens": 3, "return_logits": False, "return_probs": True, "filters": ["F"],
         "token_healing": False, "identifier": "job-1", "banned_strings": ["bad"],
-        "embeddings": ["E"], "max_rq_tokens": 512,
+        "embeddings": ["E"], "max_rq_tokens": None,
     }
     plain = v3.job_kwargs(GenerationJob("j", (1,), 4), limits=JobLimits(4, False), eos_ids=EOS,
                           chunk_size=256, sampler=None)
     assert (plain["return_top_tokens"], plain["return_probs"], plain["filters"]) == (0, False, [])
 
 
+def test_requeue_budget_reserves_the_answer_not_a_chunk() -> None:
+    # A chunk-sized budget for a short answer reserved 9 pages instead of 2 per job.
+    assert v3.requeue_budget(256, 2048) is None
+    assert v3.requeue_budget(2048, 2048) is None
+    assert v3.requeue_budget(2049, 2048) == 2048
+    long = v3.job_kwargs(GenerationJob("j", (1,), 5000), limits=JobLimits(5000, False),
+                         eos_ids=EOS, chunk_size=2048, sampler=None)
+    assert long["max_rq_tokens"] == 2048
+
+
 @pytest.mark.parametrize(
-    ("kind", "key"),
-    [("json_schema", "json_schema"), ("regex", "regex"), ("lark", "lark_grammar"), ("gbnf", "gbnf_grammar")],
+    ("kind", "source"),
+    [("json_schema", '{"type": "object"}'), ("regex", "[ab]+"), ("lark", 'start: "a"'),
+     ("gbnf", 'root ::= "a"')],
 )
-def test_filter_kwargs(kind: Any, key: str) -> None:
-    assert v3.filter_kwargs(ConstraintSpec(kind, "SRC")) == {"eos_after_completed": True, key: "SRC"}
+def test_filter_kwargs_take_tabbys_grammar(kind: Any, source: str) -> None:
+    from tabby.jobs.constraints import llguidance_grammar
+
+    spec = ConstraintSpec(kind, source)
+    kw = v3.filter_kwargs(spec)
+    assert kw == {"eos_after_completed": True, "llg_grammar": llguidance_grammar(spec)}
+
+
+def test_json_whitespace_is_bounded_as_on_every_backend() -> None:
+    import json
+
+    grammar = json.loads(v3.filter_kwargs(ConstraintSpec("json_schema", '{"type": "object"}'))["llg_grammar"])
+    options = grammar["grammars"][0]["json_schema"]["x-guidance"]
+    assert options == {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def test_cache_and_load_kwargs() -> None:
@@ -173,7 +196,7 @@ class _Lib:
         return steps
 
     def LLGuidanceFilter(self, tokenizer: object, **kw: Any) -> Any:
-        if kw.get("regex") == "(":
+        if "/(/" in kw["llg_grammar"]:
             raise ValueError("Invalid grammar: unclosed group")
         return ("filter", kw)
 
@@ -258,7 +281,7 @@ def test_backend_enqueue_step_cancel_close(caplog: pytest.LogCaptureFixture) -> 
     job_a, job_b = gen.queue
     assert job_a.kw["identifier"] == "a"
     assert [s.name for s in job_a.kw["sampler"]][-1] == "SS_Sample"
-    assert job_b.kw["filters"] == [("filter", {"eos_after_completed": True, "regex": "[ab]+"})]
+    assert job_b.kw["filters"] == [("filter", v3.filter_kwargs(ConstraintSpec("regex", "[ab]+")))]
     with pytest.raises(ConstraintError):
         backend.enqueue(GenerationJob("c", (1,), 4, constraint=ConstraintSpec("regex", "(")))
     with pytest.raises(ContextLengthExceeded):
@@ -304,6 +327,6 @@ def test_masker_only_with_its_constraint() -> None:
     backend, gen, _ = _backend()
     spec = ConstraintSpec("regex", "[ab]+")
     backend.enqueue(GenerationJob("a", (1, 5), 4, constraint=spec, masker=_Masker()))
-    assert gen.queue[0].kw["filters"] == [("filter", {"eos_after_completed": True, "regex": "[ab]+"})]
+    assert gen.queue[0].kw["filters"] == [("filter", v3.filter_kwargs(spec))]
     with pytest.raises(NotSupported):
         backend.enqueue(GenerationJob("b", (1, 5), 4, masker=_Masker()))
