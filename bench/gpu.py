@@ -1,27 +1,32 @@
 """GPU benchmark: exllamav3's own generator loop against tabby's exllamav3 backend.
 
     python bench/gpu.py [--model DIR] [--out DIR] [--parts own,direct,scheduler,json,http]
-                        [--batches 1,16] [--prompt 128] [--new 256] [--clients 1,8,32]
+                        [--batches 1,16] [--repeats 3] [--prompt 128] [--new 256]
+                        [--clients 1,8,32]
 
 On a CUDA machine with exllamav3 installed. Makes a random fp16 Llama of ~1 B parameters
-(hidden 2048, 16 layers, 16 heads, 4 KV heads) in ``--model`` unless it is there, then
-runs, in this one process, at each batch size (``--prompt``-token random prompts,
-``--new`` greedy tokens each, no early end):
+(hidden 2048, 16 layers, 16 heads, 4 KV heads) in ``--model`` unless it is there, loads it
+twice in this one process (the library's own way and through tabby's ``load``) and runs,
+at each batch size (``--prompt``-token random prompts, ``--new`` greedy tokens each, no
+early end):
 
-* ``own``: the library's own loop, every job enqueued, ``iterate()`` until done; once
-  with plain jobs (``ArgmaxSampler``, no stop conditions) and once with the very job
-  arguments tabby builds (EOS stop conditions, ``min_new_tokens``), which cost the library
-  a logit mask per step;
-* ``direct``: tabby's backend alone (``enqueue``, ``step`` until done, one thread);
-* ``scheduler``: tabby's backend through the GenerationScheduler, one trio task per job;
+* ``own``: the library's own loop, every job enqueued, ``iterate()`` until done, with
+  plain jobs (``ArgmaxSampler``, no stop conditions);
+* ``own-tabby-job``: the same loop with the very job arguments tabby builds (EOS stop
+  conditions, ``min_new_tokens``: a logit mask per step in the library);
+* ``tabby-direct``: tabby's backend alone (``enqueue``, ``step`` until done, one thread);
+* ``tabby-scheduler``: tabby's backend through the GenerationScheduler, a trio task per job;
 * ``json``: a ``json_object`` request on tabby's backend (whitespace must stay bounded);
 * ``http``: a tabby server in a child process on the same model, 1/8/32 streaming
   clients (bench/server.py's load generator).
 
-Each run reports tokens/s from enqueue to the last token (prefill included, as the
-library loop is timed), the ``iterate()`` calls, their share of the time and the most
-library jobs active at once; the ratios tabby ÷ own loop are printed at the end. One
-JSON line per measurement goes to stdout and OUT/bench.jsonl.
+The runs are CPU-bound (the library launches every kernel from Python) and a shared
+machine drifts, so every variant runs at every batch size once per repeat, in an order
+rotated per repeat, after a warm-up of each. Each run reports tokens/s from enqueue to
+the last token (prefill included), the ``iterate()`` calls, their share of the time and
+the most library jobs active at once; at the end, per variant, the best of the repeats
+and the median of the per-repeat ratios against the library's loop. One JSON line per
+measurement goes to stdout and OUT/bench.jsonl.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -119,9 +125,11 @@ def count_iterations(generator: Any) -> IterateStats:
 
 
 @contextmanager
-def timed_run(name: str, batch: int, stats: IterateStats) -> Iterator[dict[str, Any]]:
+def timed_run(
+    name: str, batch: int, stats: IterateStats, record: bool = True
+) -> Iterator[dict[str, Any]]:
     """Time the block, which counts ``tokens`` (and may set ``first``, more facts) in the
-    yielded dict; then emit the run."""
+    yielded dict; then emit the run (a warm-up run is timed but not recorded)."""
     facts: dict[str, Any] = {"tokens": 0}
     stats.reset()
     torch.cuda.synchronize()
@@ -131,69 +139,79 @@ def timed_run(name: str, batch: int, stats: IterateStats) -> Iterator[dict[str, 
     wall = time.perf_counter() - start
     first = facts.pop("first", None)
     tokens = facts.pop("tokens")
+    if not record:
+        emit(warm_up=name, batch=batch, seconds=round(wall, 3))
+        return
     emit(run=name, batch=batch, tokens=tokens, seconds=round(wall, 3),
          tok_s=round(tokens / wall, 1),
          ttft_ms=round(1000 * (first - start), 1) if first else None,
          **stats.report(wall), **facts)
-    RESULTS[(name, batch)] = tokens / wall
+    RUNS.setdefault((name, batch), []).append(tokens / wall)
 
 
-RESULTS: dict[tuple[str, int], float] = {}
+# tok/s of each (run, batch), one per repeat, in repeat order
+RUNS: dict[tuple[str, int], list[float]] = {}
 
 
 # -- the library's own loop -------------------------------------------------------------------
 
 
-def own_loop(model_dir: Path, batches: list[int], prompt: int, new: int) -> None:
-    import exllamav3 as lib
+class OwnLoop:
+    """exllamav3 used as its own examples do: all jobs enqueued, ``iterate()`` until done."""
 
-    from tabby.backends import exllamav3 as adapter
-    from tabby.backends.exllama_common import JobLimits
+    def __init__(self, model_dir: Path) -> None:
+        import exllamav3 as lib
 
-    config = lib.Config.from_directory(str(model_dir))
-    model = lib.Model.from_config(config)
-    cache = lib.Cache(model, max_num_tokens=CACHE_TOKENS)
-    model.load(device="cuda:0")
-    tokenizer = lib.Tokenizer.from_config(config)
-    generator = lib.Generator(model, cache, tokenizer, max_batch_size=MAX_BATCH, max_chunk_size=CHUNK)
-    stats = count_iterations(generator)
-    eos = list(dict.fromkeys(int(i) for i in (config.eos_token_id_list or [])))
-    vocab = int(config.vocab_size)
+        self.lib = lib
+        config = lib.Config.from_directory(str(model_dir))
+        self.model = lib.Model.from_config(config)
+        cache = lib.Cache(self.model, max_num_tokens=CACHE_TOKENS)
+        self.model.load(device="cuda:0")
+        if hasattr(self.model, "warmup"):  # the library's own warm-up, as tabby's load runs it
+            self.model.warmup(cache, max_chunk_size=CHUNK, max_batch_size=MAX_BATCH)
+        self.tokenizer = lib.Tokenizer.from_config(config)
+        self.generator = lib.Generator(self.model, cache, self.tokenizer,
+                                       max_batch_size=MAX_BATCH, max_chunk_size=CHUNK)
+        self.stats = count_iterations(self.generator)
+        self.eos = list(dict.fromkeys(int(i) for i in (config.eos_token_id_list or [])))
+        self.vocab = int(config.vocab_size)
 
-    def plain_job(i: int, ids: list[int], n: int) -> Any:
-        return lib.Job(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                       sampler=lib.ArgmaxSampler(), stop_conditions=[], identifier=i)
+    def plain_job(self, i: int, ids: list[int], n: int) -> Any:
+        return self.lib.Job(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                            sampler=self.lib.ArgmaxSampler(), stop_conditions=[], identifier=i)
 
-    def tabby_job(i: int, ids: list[int], n: int) -> Any:
+    def tabby_job(self, i: int, ids: list[int], n: int) -> Any:
+        """The library job tabby's adapter builds for the same request."""
+        from tabby.backends import exllamav3 as adapter
+        from tabby.backends.exllama_common import JobLimits
+
         job = GenerationJob(f"own-{i}", tuple(ids), n, GREEDY, min_new_tokens=n)
-        steps = adapter.build_sampler_steps(GREEDY, eos_ids=eos, vocab_size=vocab)
-        sampler = adapter.materialise_sampler(steps, lib, tokenizer)
-        return lib.Job(**adapter.job_kwargs(job, limits=JobLimits(n, False), eos_ids=eos,
-                                            chunk_size=CHUNK, sampler=sampler))
+        steps = adapter.build_sampler_steps(GREEDY, eos_ids=self.eos, vocab_size=self.vocab)
+        sampler = adapter.materialise_sampler(steps, self.lib, self.tokenizer)
+        return self.lib.Job(**adapter.job_kwargs(job, limits=JobLimits(n, False), eos_ids=self.eos,
+                                                 chunk_size=CHUNK, sampler=sampler))
 
-    def run(make: Callable[[int, list[int], int], Any], batch: int, n: int, salt: int) -> int:
-        generator.enqueue([make(i, ids, n) for i, ids in enumerate(prompts(batch, prompt, vocab, salt))])
-        tokens = 0
-        while generator.num_remaining_jobs():
-            for r in generator.iterate():
-                ids = r.get("token_ids")
-                if ids is not None:
-                    tokens += ids.shape[-1]
-        return tokens
+    def run(self, name: str, batch: int, length: int, n: int, salt: int, record: bool = True) -> None:
+        make = self.plain_job if name == "own" else self.tabby_job
+        with timed_run(name, batch, self.stats, record) as facts:
+            self.generator.enqueue(
+                [make(i, ids, n) for i, ids in enumerate(prompts(batch, length, self.vocab, salt))]
+            )
+            while self.generator.num_remaining_jobs():
+                for r in self.generator.iterate():
+                    ids = r.get("token_ids")
+                    if ids is not None:
+                        facts["tokens"] += ids.shape[-1]
 
-    run(plain_job, MAX_BATCH, 16, 0)  # warm-up: kernels, Triton, allocator
-    for variant, make in (("own", plain_job), ("own-tabby-job", tabby_job)):
-        for salt, batch in enumerate(batches, start=1):
-            with timed_run(variant, batch, stats) as facts:
-                facts["tokens"] = run(make, batch, new, salt)
-    generator.close()
-    model.unload()
+    def close(self) -> None:
+        self.generator.close()
+        self.model.unload()
 
 
 # -- tabby's backend ------------------------------------------------------------------------------
 
 
-def load_tabby(model_dir: Path) -> tuple[Any, list[Any]]:
+def load_tabby(model_dir: Path) -> Any:
     from tabby.backends.base import LoadSpec
     from tabby.backends.exllamav3 import load
 
@@ -204,39 +222,47 @@ def load_tabby(model_dir: Path) -> tuple[Any, list[Any]]:
                    progress.append)
     emit(run="tabby-load", seconds=round(time.perf_counter() - start, 2),
          progress_events=len(progress), first=str(progress[:1]), last=str(progress[-1:]))
-    return backend, progress
+    return backend
 
 
 def job(name: str, ids: list[int], new: int) -> GenerationJob:
     return GenerationJob(name, tuple(ids), new, GREEDY, min_new_tokens=new)
 
 
-def direct(backend: Any, stats: IterateStats, batches: list[int], prompt: int, new: int) -> None:
-    vocab = backend.info.vocab_size
-    for salt, batch in enumerate(batches, start=11):
-        with timed_run("tabby-direct", batch, stats) as facts:
-            for i, ids in enumerate(prompts(batch, prompt, vocab, salt)):
-                backend.enqueue(job(f"d{salt}-{i}", ids, new))
-            while backend.has_work():
-                for result in backend.step():
-                    if result.token_ids and "first" not in facts:
-                        facts["first"] = time.perf_counter()
-                    facts["tokens"] += len(result.token_ids)
+class TabbyRuns:
+    """tabby's exllamav3 backend, stepped directly or through the GenerationScheduler."""
 
+    def __init__(self, model_dir: Path) -> None:
+        self.backend = load_tabby(model_dir)
+        self.stats = count_iterations(self.backend._parts.generator)
+        self.vocab = self.backend.info.vocab_size
 
-async def through_scheduler(
-    backend: Any, stats: IterateStats, batches: list[int], prompt: int, new: int
-) -> None:
-    from tabby.actors.scheduler import GenerationScheduler
+    def run(self, name: str, batch: int, length: int, n: int, salt: int, record: bool = True) -> None:
+        ps = prompts(batch, length, self.vocab, salt)
+        if name == "tabby-direct":
+            with timed_run(name, batch, self.stats, record) as facts:
+                for i, ids in enumerate(ps):
+                    self.backend.enqueue(job(f"d{salt}-{i}", ids, n))
+                while self.backend.has_work():
+                    for result in self.backend.step():
+                        if result.token_ids and "first" not in facts:
+                            facts["first"] = time.perf_counter()
+                        facts["tokens"] += len(result.token_ids)
+        else:
+            trio.run(self._through_scheduler, name, batch, ps, n, salt, record)
 
-    vocab = backend.info.vocab_size
-    async with trio.open_nursery() as nursery:
-        scheduler = await nursery.start(GenerationScheduler().run)
-        await scheduler.attach(backend, epoch=EPOCH)
+    async def _through_scheduler(
+        self, name: str, batch: int, ps: list[list[int]], n: int, salt: int, record: bool
+    ) -> None:
+        from tabby.actors.scheduler import GenerationScheduler
 
-        async def batch_run(name: str, batch: int, n: int, salt: int, facts: dict[str, Any]) -> None:
-            async def one(i: int, ids: list[int]) -> None:
-                events = await scheduler.submit(job(f"{name}{salt}-{i}", ids, n), model_epoch=EPOCH)
+        async with trio.open_nursery() as nursery:
+            scheduler = await nursery.start(GenerationScheduler().run)
+            await scheduler.attach(self.backend, epoch=EPOCH)
+            before = (await scheduler.statistics()).steps
+
+            async def one(i: int, ids: list[int], facts: dict[str, Any]) -> None:
+                events = await scheduler.submit(job(f"s{salt}-{i}", ids, n), model_epoch=EPOCH)
                 async with events:
                     async for event in events:
                         if isinstance(event, TextChunk):
@@ -245,18 +271,49 @@ async def through_scheduler(
                         elif isinstance(event, Failed):
                             raise event.error
 
-            async with trio.open_nursery() as jobs:
-                for i, ids in enumerate(prompts(batch, prompt, vocab, salt)):
-                    jobs.start_soon(one, i, ids)
-
-        await batch_run("warm", MAX_BATCH, 16, 20, {"tokens": 0})
-        for salt, batch in enumerate(batches, start=21):
-            before = (await scheduler.statistics()).steps
-            with timed_run("tabby-scheduler", batch, stats) as facts:
-                await batch_run("s", batch, new, salt, facts)
+            with timed_run(name, batch, self.stats, record) as facts:
+                async with trio.open_nursery() as jobs:
+                    for i, ids in enumerate(ps):
+                        jobs.start_soon(one, i, ids, facts)
                 facts["steps"] = (await scheduler.statistics()).steps - before
-        await scheduler.detach("drain")
-        nursery.cancel_scope.cancel()
+            await scheduler.detach("drain")
+            nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def interleaved(model_dir: Path, parts: set[str], batches: list[int], length: int, new: int,
+                repeats: int) -> None:
+    """Each repeat runs every variant at every batch size, in an order rotated per repeat,
+    so that drift of the machine (these runs are CPU-bound: the library launches every
+    kernel from Python) falls on all of them alike."""
+    own = OwnLoop(model_dir) if "own" in parts else None
+    tabby = TabbyRuns(model_dir) if parts & {"direct", "scheduler"} else None
+    try:
+        runners: list[tuple[str, Callable[..., None]]] = []
+        if own is not None:
+            runners += [("own", own.run), ("own-tabby-job", own.run)]
+        if tabby is not None:
+            if "direct" in parts:
+                runners.append(("tabby-direct", tabby.run))
+            if "scheduler" in parts:
+                runners.append(("tabby-scheduler", tabby.run))
+        for batch in sorted(set(batches)):  # warm-up: every path at every batch size
+            for name, run in runners:
+                run(name, batch, length, 16, 0, record=False)
+        for rep in range(repeats):
+            order = runners[rep % len(runners):] + runners[: rep % len(runners)]
+            for batch in batches:
+                for name, run in order:
+                    run(name, batch, length, new, 100 * rep + batch)
+    finally:
+        if own is not None:
+            own.close()
+        if tabby is not None:
+            if "json" in parts:
+                trio.run(json_object, tabby.backend)
+            tabby.close()
 
 
 async def json_object(backend: Any) -> None:
@@ -343,19 +400,25 @@ def http(model_dir: Path, clients: list[int], new: int, deadline: float) -> None
 
 
 def ratios(batches: list[int]) -> None:
-    rows = []
-    for batch in batches:
-        own = RESULTS.get(("own", batch))
-        own_same = RESULTS.get(("own-tabby-job", batch))
-        for name in ("tabby-direct", "tabby-scheduler"):
-            got = RESULTS.get((name, batch))
-            if got is None:
+    """Best of the repeats per run, and each repeat's ratio (same machine state)."""
+    for batch in sorted(set(batches)):
+        own = RUNS.get(("own", batch), [])
+        same = RUNS.get(("own-tabby-job", batch), [])
+        for name in ("own-tabby-job", "tabby-direct", "tabby-scheduler"):
+            got = RUNS.get((name, batch), [])
+            if not got:
                 continue
-            rows.append({"batch": batch, "run": name, "tok_s": round(got, 1),
-                         "vs_own": round(got / own, 3) if own else None,
-                         "vs_own_same_job": round(got / own_same, 3) if own_same else None})
-    for row in rows:
-        emit(ratio=row)
+            row: dict[str, Any] = {"batch": batch, "run": name, "best_tok_s": round(max(got), 1),
+                                   "all_tok_s": [round(x, 1) for x in got]}
+            for base_name, base in (("own", own), ("own_same_job", same)):
+                if base and base is not got:
+                    row[f"best_vs_{base_name}"] = round(max(got) / max(base), 3)
+                    pairs = sorted(g / b for g, b in zip(got, base, strict=False))
+                    row[f"median_pair_vs_{base_name}"] = round(statistics.median(pairs), 3)
+            emit(ratio=row)
+        if own:
+            emit(ratio={"batch": batch, "run": "own", "best_tok_s": round(max(own), 1),
+                        "all_tok_s": [round(x, 1) for x in own]})
 
 
 def main() -> None:
@@ -367,6 +430,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--http-new", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=240.0,
@@ -383,41 +447,20 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     emit(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, parts=sorted(parts))
     make_model(args.model)
-    steps: list[tuple[str, Callable[[], None]]] = []
-    if "own" in parts:
-        steps.append(("own", lambda: own_loop(args.model, batches, args.prompt, args.new)))
-    tabby_parts = parts & {"direct", "scheduler", "json"}
-    if tabby_parts:
+    start = time.perf_counter()
+    try:
+        interleaved(args.model, parts, batches, args.prompt, args.new, args.repeats)
+    except Exception as exc:  # the HTTP part still runs
+        import traceback
 
-        def tabby() -> None:
-            backend, _ = load_tabby(args.model)
-            stats = count_iterations(backend._parts.generator)
-            try:
-                if "direct" in parts:
-                    direct(backend, stats, batches, args.prompt, args.new)
-                if "scheduler" in parts:
-                    trio.run(through_scheduler, backend, stats, batches, args.prompt, args.new)
-                if "json" in parts:
-                    trio.run(json_object, backend)
-            finally:
-                backend.close()
-
-        steps.append(("tabby", tabby))
+        emit(part="interleaved", error=f"{type(exc).__name__}: {exc}",
+             trace=traceback.format_exc(limit=8)[-1500:])
+    emit(part="interleaved", seconds=round(time.perf_counter() - start, 1))
+    ratios(batches)
     if "http" in parts:
-        clients = [int(c) for c in args.clients.split(",")]
-        steps.append(("http", lambda: http(args.model, clients, args.http_new, deadline)))
-    for name, step in steps:
         start = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # one part failing must not cost the others
-            import traceback
-
-            emit(part=name, error=f"{type(exc).__name__}: {exc}",
-                 trace=traceback.format_exc(limit=8)[-1500:])
-        emit(part=name, seconds=round(time.perf_counter() - start, 1))
-        if name == "tabby":
-            ratios(batches)
+        http(args.model, [int(c) for c in args.clients.split(",")], args.http_new, deadline)
+        emit(part="http", seconds=round(time.perf_counter() - start, 1))
 
 
 if __name__ == "__main__":

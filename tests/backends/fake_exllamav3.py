@@ -71,6 +71,7 @@ class Model:
                         Module("head")]
         self.caps: dict[str, Any] = {}
         self.loaded = False
+        self.warmed: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, config: Config, component: str = "text") -> Model:
@@ -85,6 +86,11 @@ class Model:
                 module.load("cuda:0")
                 yield i + 1, len(self.modules)
         self.loaded = True
+
+    def warmup(self, cache: Cache | None = None, **kwargs: Any) -> list[str]:
+        assert self.loaded, "warm-up runs on a loaded model"
+        self.warmed = kwargs
+        return []
 
     def unload(self) -> None:
         for module in self.modules:

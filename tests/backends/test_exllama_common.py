@@ -243,6 +243,25 @@ def test_logprobs_from_probabilities() -> None:
     )
 
 
+def test_logprobs_from_logits_are_the_models_distribution() -> None:
+    # exllamav2 under greedy sampling reports the sampler's one-hot probabilities; with the
+    # logits returned, logprobs are the model's softmax at temperature 1, bans excluded.
+    logits = torch.tensor([[[2.0, 1.0, 0.0, float("-inf")], [0.0, 0.0, 0.0, 0.0]]])
+    result = {
+        "stage": "streaming", "eos": False, "identifier": "a", "text": "xy",
+        "token_ids": torch.tensor([[0, 3]]), "logits": logits,
+        "token_probs": torch.tensor([[1.0, 1.0]]),  # the one-hot: ignored
+    }
+    (out,) = translate_results([result], lambda r: "a", _Pieces(), top_logprobs=lambda _j: 3)
+    first = torch.log_softmax(logits[0, 0], dim=-1)
+    assert out.logprobs[0].logprob == pytest.approx(float(first[0]))
+    assert [t for t, _, _ in out.logprobs[0].top] == [0, 1, 2]  # the banned 3 is no alternative
+    assert out.logprobs[0].top[1][2] == pytest.approx(float(first[1]))
+    assert out.logprobs[1].logprob == pytest.approx(math.log(0.25))
+    (none,) = translate_results([result], lambda r: "a", _Pieces())
+    assert [lp.top for lp in none.logprobs] == [(), ()]
+
+
 def test_error_stage_fails_that_job_only() -> None:
     job_obj = object()
     results = [

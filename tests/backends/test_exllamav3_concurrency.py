@@ -180,4 +180,6 @@ def test_load_onto_one_device_reports_each_module(
     ]
     # The modules' own load is theirs again afterwards.
     assert all("load" not in vars(m) for m in backend._require().model.modules)
+    # Warmed up at load, for the batch and chunk it will serve.
+    assert backend._require().model.warmed == {"max_chunk_size": 2048, "max_batch_size": 128}
     backend.close()

@@ -330,3 +330,19 @@ def test_masker_only_with_its_constraint() -> None:
     assert gen.queue[0].kw["filters"] == [("filter", v3.filter_kwargs(spec))]
     with pytest.raises(NotSupported):
         backend.enqueue(GenerationJob("b", (1, 5), 4, masker=_Masker()))
+
+
+def test_logprobs_from_returned_logits_take_the_jobs_alternatives() -> None:
+    backend, gen, _ = _backend()
+    backend.enqueue(GenerationJob("a", (1, 5), 4, logprobs=True, top_logprobs=2))
+    (lib_job,) = gen.queue
+    logits = torch.zeros((1, 1, 320))
+    logits[0, 0, 7] = 3.0
+    gen.script = [[{"job": lib_job, "stage": "streaming", "eos": False, "identifier": "a",
+                    "text": "x", "token_ids": torch.tensor([[7]]), "logits": logits}]]
+    (result,) = backend.step()
+    (lp,) = result.logprobs
+    assert lp.token_id == 7
+    assert lp.logprob == pytest.approx(float(torch.log_softmax(logits[0, 0], -1)[7]))
+    assert len(lp.top) == 2
+    assert lp.top[0][0] == 7
