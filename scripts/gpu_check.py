@@ -106,12 +106,14 @@ async def generate(sched: SchedulerHandle, job: GenerationJob) -> dict[str, Any]
     text, final = "", None
     ids: list[int] = []
     margins: list[float] = []  # top-1 minus top-2 logprob per token, when asked for
+    chosen: list[float] = []  # each token's own logprob
     async with await sched.submit(job) as events:
         async for event in events:
             if isinstance(event, TextChunk):
                 text += event.text
                 ids += event.token_ids
                 for lp in event.logprobs:
+                    chosen.append(lp.logprob)
                     top = [p for _, _, p in lp.top]
                     margins.append(round(top[0] - top[1], 4) if len(top) > 1 else float("inf"))
             elif isinstance(event, Finished):
@@ -123,6 +125,7 @@ async def generate(sched: SchedulerHandle, job: GenerationJob) -> dict[str, Any]
            "finish_reason": final.finish_reason}
     if job.logprobs:
         out["margins"] = margins
+        out["logprobs"] = chosen
     return out
 
 
@@ -210,8 +213,12 @@ async def run_checks(name: str, model_name: str, sched: SchedulerHandle,
         out = await generate(sched, GenerationJob("greedy", ids, NEW_TOKENS, GREEDY, **LOGPROBS))
         same_prompt = list(ids) == list(ref.get("prompt", ()))
         same = same_until_near_tie(out["ids"], list(ref.get("ids", [])), ref.get("margins", []))
-        return {"ok": same_prompt and same and len(out["ids"]) == NEW_TOKENS,
+        # The model's distribution, not the greedy sampler's one-hot (0 / -1000).
+        lps = out["logprobs"]
+        distribution = all(-1000.0 < lp <= 0.0 for lp in lps) and any(lp < 0.0 for lp in lps)
+        return {"ok": same_prompt and same and len(out["ids"]) == NEW_TOKENS and distribution,
                 "ids": out["ids"], "reference": ref.get("ids"), "stop_reason": out["stop_reason"],
+                "logprobs_are_a_distribution": distribution, "logprobs": out["logprobs"][:4],
                 "same_prompt_ids": same_prompt, "margins": out["margins"][:8],
                 "reference_margins": ref.get("margins", [])[:8]}
 
