@@ -374,9 +374,9 @@ def _counting_loads(modules: Sequence[Any], report: Callable[[int], None]) -> It
 
 
 def _warm_up(model: Any, cache: Any, *, chunk: int, batch: int) -> None:
-    """Pay the first-use costs (Triton compiles, GEMM autotuning, graph workspaces) at load,
-    not in the first requests' time to first token (measured: a first batch-1 run at 22 ms
-    a step, 10 ms once warm). Must run before a Generator uses the cache."""
+    """Pay the library's first-use costs (Triton compiles, GEMM autotuning, graph
+    workspaces) at load rather than in the first requests' time to first token. Must run
+    before a Generator uses the cache (its passes write the leading pages)."""
     warmup = getattr(model, "warmup", None)  # exllamav3 >= 1.6
     if warmup is None:
         return
