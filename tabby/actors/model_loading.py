@@ -8,7 +8,8 @@ import logging
 import attrs
 import trio
 
-from tabby.actors.messages import LoadEvent, Reply
+from tabby.actors.mailbox import Reply
+from tabby.actors.messages import LoadEvent
 from tabby.actors.model_planning import LoadPlan
 from tabby.backends.base import LoadProgress, ProgressCallback
 from tabby.errors import TabbyError

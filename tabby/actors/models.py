@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from functools import partial
+from typing import Any, Literal
 
 import attrs
 import trio
 
 from tabby.actors.health import HealthHandle
-from tabby.actors.messages import Answer, LoadEvent, LoadFailed, ModelLoaded, Reply, answer
+from tabby.actors.mailbox import Answer, Mailbox, Reply, answer
+from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
 from tabby.actors.model_loading import (
     LoadOp,
     Operation,
@@ -51,7 +53,6 @@ from tabby.errors import (
     AuthenticationError,
     InvalidRequest,
     NoModelLoaded,
-    ServiceUnavailable,
     TabbyError,
 )
 from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest
@@ -82,8 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Admin commands are rare and small; a full inbox only delays the caller briefly.
 INBOX_BUFFER = 64
@@ -215,15 +214,11 @@ class StateHolder:
 # -- handle -----------------------------------------------------------------------------
 
 
-def _not_running() -> ServiceUnavailable:
-    return ServiceUnavailable("the model manager is not running")
-
-
 @attrs.frozen
 class ModelManagerHandle:
     """What request handlers hold: the manager's inbox and a read view of its state."""
 
-    _inbox: trio.MemorySendChannel[ManagerMessage]
+    _mailbox: Mailbox[ManagerMessage]
     _holder: StateHolder
 
     def serving_state(self) -> ServingState:
@@ -240,9 +235,8 @@ class ModelManagerHandle:
         already loaded yields a single finished ``LoadProgress`` and ``ModelLoaded``.
         """
         progress_send, progress_receive = trio.open_memory_channel[LoadEvent](PROGRESS_BUFFER)
-        send, receive = trio.open_memory_channel[Answer[None]](1)
         try:
-            await self._call(LoadModel(request, progress_send, send), receive)
+            await self._mailbox.ask(partial(LoadModel, request, progress_send))
         except BaseException:
             progress_receive.close()
             raise
@@ -256,51 +250,43 @@ class ModelManagerHandle:
                     return event.state
                 if isinstance(event, LoadFailed):
                     raise event.error
-        raise _not_running()
+        raise self._mailbox.unavailable()
 
     async def unload_model(self, *, skip_queue: bool = True) -> None:
         """Unload the model; by default running jobs are cancelled (as upstream)."""
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(UnloadModel(skip_queue, send), receive)
+        await self._mailbox.ask(partial(UnloadModel, skip_queue))
 
     async def load_loras(
         self, loras: tuple[LoraRequest, ...], *, skip_queue: bool = False
     ) -> LoraLoadResult:
         """Replace the active LoRAs (reloads the model with them); NotSupported when
         the backend has no LoRA support."""
-        send, receive = trio.open_memory_channel[Answer[LoraLoadResult]](1)
-        return await self._call(LoadLoras(loras, skip_queue, send), receive)
+        return await self._mailbox.ask(partial(LoadLoras, loras, skip_queue))
 
     async def unload_loras(self) -> None:
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(UnloadLoras(send), receive)
+        await self._mailbox.ask(UnloadLoras)
 
     async def switch_template(self, name: str) -> None:
         """Serve ``templates/<name>.jinja`` as the chat template (NotFound if missing)."""
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(SwitchTemplate(name, send), receive)
+        await self._mailbox.ask(partial(SwitchTemplate, name))
 
     async def unload_template(self) -> None:
         """Serve no chat template (chat completions are refused until a switch or load)."""
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(UnloadTemplate(send), receive)
+        await self._mailbox.ask(UnloadTemplate)
 
     async def switch_preset(
         self, name: str | None = None, overrides: Mapping[str, Any] | None = None
     ) -> None:
         """Select a sampler preset by name (wins) or from inline ``overrides``."""
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(SwitchPreset(name, overrides, send), receive)
+        await self._mailbox.ask(partial(SwitchPreset, name, overrides))
 
     async def unload_preset(self) -> None:
         """No sampler preset: both the preset and its name are cleared."""
-        send, receive = trio.open_memory_channel[Answer[None]](1)
-        await self._call(UnloadPreset(send), receive)
+        await self._mailbox.ask(UnloadPreset)
 
     async def list(self, kind: ListKind) -> tuple[str, ...]:
         """Names of loadable models, draft models, LoRAs, templates or presets."""
-        send, receive = trio.open_memory_channel[Answer[tuple[str, ...]]](1)
-        return await self._call(ListModels(kind, send), receive)
+        return await self._mailbox.ask(partial(ListModels, kind))
 
     async def ensure_model(self, name: str | None, permission: Permission) -> ServingState:
         """Apply a request's ``model`` field (inline loading) and return the state to use.
@@ -311,33 +297,14 @@ class ModelManagerHandle:
         is ignored with a warning. Otherwise the model is loaded with the configured
         settings only (no per-request settings) and the call returns after the load.
         """
-        send, receive = trio.open_memory_channel[Answer[ServingState]](1)
-        return await self._call(EnsureModel(name, permission, send), receive)
+        return await self._mailbox.ask(partial(EnsureModel, name, permission))
 
     async def fetch_serving_state(self) -> ServingState:
         """The state after every command queued before this one was handled."""
-        send, receive = trio.open_memory_channel[Answer[ServingState]](1)
-        return await self._call(GetServingState(send), receive)
+        return await self._mailbox.ask(GetServingState)
 
     async def statistics(self) -> ModelManagerStats:
-        send, receive = trio.open_memory_channel[Answer[ModelManagerStats]](1)
-        return await self._call(GetManagerStats(send), receive)
-
-    async def _call(
-        self, message: ManagerMessage, receive: trio.MemoryReceiveChannel[Answer[T]]
-    ) -> T:
-        async with receive:
-            try:
-                await self._inbox.send(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _not_running() from None
-            try:
-                outcome = await receive.receive()
-            except trio.EndOfChannel:
-                raise _not_running() from None
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value  # type: ignore[return-value]  # None only for Answer[None]
+        return await self._mailbox.ask(GetManagerStats)
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -376,7 +343,7 @@ class ModelManager:
 
     @property
     def handle(self) -> ModelManagerHandle:
-        return ModelManagerHandle(self._inbox_send, self._holder)
+        return ModelManagerHandle(Mailbox(self._inbox_send, "model manager"), self._holder)
 
     @property
     def _state(self) -> ServingState:

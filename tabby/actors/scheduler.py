@@ -38,9 +38,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 import attrs
 import trio
@@ -53,6 +53,7 @@ from tabby.actors.backend_calls import (
     step_in_thread,
 )
 from tabby.actors.health import HealthHandle
+from tabby.actors.mailbox import Mailbox, Reply, answer
 from tabby.backends.base import Backend, handoff_step
 from tabby.errors import (
     Conflict,
@@ -99,8 +100,6 @@ HEALTH_SOURCE = "scheduler"
 HOLD_MIN_STREAMS = 4
 
 DetachMode = Literal["drain", "cancel"]
-R = TypeVar("R")
-T = TypeVar("T")
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -117,7 +116,7 @@ class Submit:
 
     job: GenerationJob
     reply: trio.MemorySendChannel[JobEvent]
-    admitted: trio.MemorySendChannel[TabbyError | None]
+    admitted: Reply[None]
     model_epoch: int | None = None
 
 
@@ -134,7 +133,7 @@ class Attach:
 
     backend: Backend
     epoch: int
-    reply: trio.MemorySendChannel[TabbyError | None]
+    reply: Reply[None]
 
 
 @attrs.frozen
@@ -147,12 +146,12 @@ class Detach:
     """
 
     mode: DetachMode
-    reply: trio.MemorySendChannel[Backend | None]
+    reply: Reply[Backend | None]
 
 
 @attrs.frozen
 class GetStats:
-    reply: trio.MemorySendChannel[SchedulerStats]
+    reply: Reply[SchedulerStats]
 
 
 SchedulerMessage = Submit | Cancel | Attach | Detach | GetStats
@@ -184,15 +183,11 @@ class SchedulerStats:
 # -- handle -----------------------------------------------------------------------------
 
 
-def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable("the generation scheduler is not running")
-
-
 @attrs.frozen
 class SchedulerHandle:
     """What request handlers and the ModelManager hold: the scheduler's inbox."""
 
-    _inbox: trio.MemorySendChannel[SchedulerMessage]
+    _mailbox: Mailbox[SchedulerMessage]
 
     async def submit(
         self, job: GenerationJob, *, model_epoch: int | None = None
@@ -206,76 +201,40 @@ class SchedulerHandle:
         cancels the job; use it as ``async with await handle.submit(job) as events``.
         """
         event_send, event_receive = trio.open_memory_channel[JobEvent](JOB_EVENT_BUFFER)
-        admitted_send, admitted_receive = trio.open_memory_channel[TabbyError | None](1)
-        message = Submit(job, event_send, admitted_send, model_epoch)
         try:
-            self._inbox.send_nowait(message)
-        except trio.WouldBlock:
-            _close_all(event_send, event_receive, admitted_send, admitted_receive)
-            raise TooManyRequests(
-                "the server is busy: too many requests are queued", retry_after=RETRY_AFTER_S
-            ) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            _close_all(event_send, event_receive, admitted_send, admitted_receive)
-            raise _unavailable() from None
-        try:
-            async with admitted_receive:
-                outcome = await admitted_receive.receive()
-        except trio.EndOfChannel:
-            event_receive.close()
-            raise _unavailable() from None
+            await self._mailbox.ask(
+                partial(Submit, job, event_send, model_epoch=model_epoch), when_full=_queue_full
+            )
         except BaseException:
-            # Cancelled while waiting: a closed receiver makes the scheduler drop the job.
+            # Refused, or cancelled while waiting: a closed receiver makes the scheduler
+            # drop the job.
+            event_send.close()
             event_receive.close()
             raise
-        if outcome is not None:
-            event_receive.close()
-            raise outcome
         return event_receive
 
     async def cancel(self, job_id: str) -> None:
         """Stop a job by id (unknown ids are ignored)."""
         # A stopped scheduler runs nothing any more.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._inbox.send(Cancel(job_id))
+        with contextlib.suppress(ServiceUnavailable):
+            await self._mailbox.post(Cancel(job_id))
 
     async def attach(self, backend: Backend, *, epoch: int) -> None:
         """Start serving ``backend``; raises Conflict if another one is attached."""
-        def make(reply: trio.MemorySendChannel[TabbyError | None]) -> Attach:
-            return Attach(backend, epoch, reply)
-
-        outcome = await self._ask(make)
-        if outcome is not None:
-            raise outcome
+        await self._mailbox.ask(partial(Attach, backend, epoch))
 
     async def detach(self, mode: DetachMode) -> Backend | None:
         """Stop serving and return the backend that was attached (None if none)."""
-        def make(reply: trio.MemorySendChannel[Backend | None]) -> Detach:
-            return Detach(mode, reply)
-
-        return await self._ask(make)
+        return await self._mailbox.ask(partial(Detach, mode))
 
     async def statistics(self) -> SchedulerStats:
-        return await self._ask(GetStats)
-
-    async def _ask(self, make: Callable[[trio.MemorySendChannel[R]], SchedulerMessage]) -> R:
-        reply_send, reply_receive = trio.open_memory_channel[R](1)
-        try:
-            await self._inbox.send(make(reply_send))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _unavailable() from None
-        async with reply_receive:
-            try:
-                return await reply_receive.receive()
-            except trio.EndOfChannel:
-                raise _unavailable() from None
+        return await self._mailbox.ask(GetStats)
 
 
-def _close_all(
-    *channels: trio.MemorySendChannel[Any] | trio.MemoryReceiveChannel[Any],
-) -> None:
-    for channel in channels:
-        channel.close()
+def _queue_full() -> TooManyRequests:
+    return TooManyRequests(
+        "the server is busy: too many requests are queued", retry_after=RETRY_AFTER_S
+    )
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -348,7 +307,7 @@ class GenerationScheduler:
 
     @property
     def handle(self) -> SchedulerHandle:
-        return SchedulerHandle(self._inbox_send)
+        return SchedulerHandle(Mailbox(self._inbox_send, "generation scheduler"))
 
     def statistics(self) -> SchedulerStats:
         stats = self._backend_stats
@@ -427,7 +386,7 @@ class GenerationScheduler:
         elif isinstance(message, Detach):
             self._take_detach(message)
         else:
-            _reply(message.reply, self.statistics())
+            answer(message.reply, self.statistics())
 
     def _take_submit(self, message: Submit) -> None:
         job_id = message.job.job_id
@@ -451,7 +410,7 @@ class GenerationScheduler:
             )
         if error is not None:
             self._counters.rejected += 1
-            _reply(message.admitted, error)
+            answer(message.admitted, error=error)
             message.reply.close()
             return
         self._new.append(message)
@@ -461,21 +420,21 @@ class GenerationScheduler:
 
     def _take_attach(self, message: Attach) -> None:
         if self._backend is not None or self._detaching is not None:
-            _reply(message.reply, Conflict("a model is already attached to the scheduler"))
+            answer(message.reply, error=Conflict("a model is already attached to the scheduler"))
             return
         self._backend = message.backend
         self._epoch = message.epoch
         self._backend_stats = NO_STATS
         log.info("scheduler: serving %s", message.backend.info.name)
-        _reply(message.reply, None)
+        answer(message.reply, None)
 
     def _take_detach(self, message: Detach) -> None:
         if self._backend is None:
-            _reply(message.reply, None)
+            answer(message.reply, None)
             return
         if self._detaching is not None:
             # A second detach joins the first one; the stronger mode wins.
-            _reply(self._detaching.reply, None)
+            answer(self._detaching.reply, None)
         self._detaching = message
         if message.mode == "cancel":
             self._cancel_all = True
@@ -506,10 +465,10 @@ class GenerationScheduler:
             if outcome is None:
                 self._counters.submitted += 1
                 self._jobs[submit.job.job_id] = _LiveJob(submit.job, submit.reply)
-                _reply(submit.admitted, None)
+                answer(submit.admitted, None)
             else:
                 self._counters.rejected += 1
-                _reply(submit.admitted, as_tabby_error(outcome, "enqueue"))
+                answer(submit.admitted, error=as_tabby_error(outcome, "enqueue"))
                 submit.reply.close()
         requested, self._cancel_requests = self._cancel_requests, set()
         if cancel_all:
@@ -665,7 +624,7 @@ class GenerationScheduler:
         self._detaching = None
         self._backend_stats = NO_STATS
         log.info("scheduler: detached (%s)", detach.mode)
-        _reply(detach.reply, backend)
+        answer(detach.reply, backend)
 
     def _shut_down(self) -> None:
         """Every open stream ends with a final error; every waiting caller gets an answer."""
@@ -674,7 +633,7 @@ class GenerationScheduler:
             self._finish_quietly(live.reply, [live.pending, Failed(error)])
         self._jobs.clear()
         for submit in self._new:
-            _reply(submit.admitted, error)
+            answer(submit.admitted, error=error)
             submit.reply.close()
         self._new.clear()
         while True:
@@ -683,7 +642,7 @@ class GenerationScheduler:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             if isinstance(message, Submit):
-                _reply(message.admitted, error)
+                answer(message.admitted, error=error)
                 message.reply.close()
             elif isinstance(message, Attach | Detach | GetStats):
                 message.reply.close()
@@ -703,13 +662,6 @@ class GenerationScheduler:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 break
         reply.close()
-
-
-def _reply(channel: trio.MemorySendChannel[T], value: T) -> None:
-    """Answer a one-shot request; the asker may have gone away meanwhile."""
-    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        channel.send_nowait(value)
-    channel.close()
 
 
 async def _deliver_rest(reply: trio.MemorySendChannel[JobEvent], events: list[JobEvent]) -> None:
