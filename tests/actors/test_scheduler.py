@@ -11,7 +11,6 @@ import attrs
 import pytest
 import trio
 
-from tabby.actors.backend_calls import step_in_thread
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.scheduler import (
     HOLD_MIN_STREAMS,
@@ -19,6 +18,7 @@ from tabby.actors.scheduler import (
     GenerationScheduler,
     SchedulerHandle,
 )
+from tabby.actors.scheduler.backend_calls import step_in_thread
 from tabby.backends.base import Capabilities, LoadSpec, handoff_step
 from tabby.backends.scripted import ScriptedBackend
 from tabby.errors import (
@@ -313,6 +313,26 @@ async def test_shutdown_ends_streams_with_an_error(health: HealthHandle) -> None
     assert received[-1].error.message == "server shutting down"
     with pytest.raises(ServiceUnavailable):
         await rig.handle.submit(job("b"))
+
+
+async def test_stop_after_detach_ends_the_scheduler(health: HealthHandle) -> None:
+    backend = ScriptedBackend(script="s" * LONG)
+    async with trio.open_nursery() as outer:
+        rig = await start(outer, health, backend)
+        events = await rig.handle.submit(job("a"))
+        with pytest.raises(Conflict, match="detach"):
+            await rig.handle.stop()
+        assert await rig.handle.detach("cancel") is backend
+        await rig.handle.stop()
+        # run() has returned by itself: nothing is left for the nursery to cancel.
+    assert not outer.cancel_scope.cancelled_caught
+    final = (await collect(events))[-1]
+    assert isinstance(final, Failed)
+    with pytest.raises(NoModelLoaded, match="unloaded"):
+        await rig.handle.submit(job("b"))
+    with pytest.raises(NoModelLoaded):
+        await rig.handle.statistics()
+    await rig.handle.cancel("b")  # a stopped scheduler runs nothing: ignored
 
 
 async def test_next_step_starts_before_the_clients_handle_the_last_one(

@@ -1,0 +1,366 @@
+"""GenerationScheduler: the only code that drives its model's generation backend.
+
+The loop (DESIGN.md, "Scheduler loop"): while no job is live, block on the inbox;
+otherwise take every waiting message without blocking, hand new jobs and cancellations
+to the backend, run ONE backend step in a worker thread (all live jobs advance together),
+route each result to its job's reply channel (``delivery``), repeat.
+
+* Admission is bounded: ``submit`` raises :class:`TooManyRequests` at once when
+  ``max_queued`` jobs already wait for a batch slot, and :class:`NoModelLoaded` while no
+  backend is attached. ``submit`` returns only after the backend accepted the job, so a
+  prompt that does not fit is an exception before any stream starts.
+* Hand-off: with a backend that declares a hand-off point in its step
+  (``capabilities.handoff``; the reference engine: right before its LM head, milliseconds
+  of one native kernel) and at least ``HOLD_MIN_STREAMS`` streams, a step's results are
+  held back and routed while the next step runs through that point. Formatting and
+  sending every stream's token holds the GIL; done between steps it delays the next one,
+  and done anywhere else in a step it stalls the engine's Python between its short
+  kernels, about the same loss (4–5 % of a batch-8 CPU step, measured). The cost is
+  latency: each token after a job's first reaches its client one step later (a few tens
+  of ms on CPU); a step with a job's first token, or with fewer streams, goes out at once.
+* A backend exception fails only the jobs it concerns (an ``enqueue`` error: that job;
+  a ``step`` error: every job of that step), is reported to the HealthMonitor, and the
+  scheduler keeps serving (``step_health``).
+* The ModelManager runs one scheduler per loaded model: ``Attach`` after the load,
+  ``Detach`` (drain or cancel) and ``Stop`` when the model goes.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import trio
+
+from tabby.actors.health import HealthHandle
+from tabby.actors.mailbox import answer
+from tabby.actors.scheduler.backend_calls import (
+    NO_STATS,
+    WorkerCalls,
+    apply_in_thread,
+    as_tabby_error,
+    step_in_thread,
+)
+from tabby.actors.scheduler.delivery import JobTable, end_stream
+from tabby.actors.scheduler.handle import SchedulerHandle, scheduler_mailbox
+from tabby.actors.scheduler.messages import (
+    INBOX_BUFFER,
+    RETRY_AFTER_S,
+    Attach,
+    Cancel,
+    Detach,
+    GetSchedulerStats,
+    SchedulerMessage,
+    Stop,
+    Submit,
+)
+from tabby.actors.scheduler.stats import Counters, RateWindow, SchedulerStats, snapshot
+from tabby.actors.scheduler.step_health import StepHealth
+from tabby.backends.base import Backend, handoff_step
+from tabby.errors import (
+    Conflict,
+    GenerationFailed,
+    NoModelLoaded,
+    ServiceUnavailable,
+    TabbyError,
+    TooManyRequests,
+)
+from tabby.jobs import JobResult
+from tabby.jobs.events import Failed, Finished, JobEvent
+
+__all__ = ["HOLD_MIN_STREAMS", "GenerationScheduler"]
+
+log = logging.getLogger(__name__)
+
+# Results for at least this many streams in one step are held for the next step's
+# hand-off; below it the per-step event-loop work is too small to be worth a step of
+# latency.
+HOLD_MIN_STREAMS = 4
+
+
+class GenerationScheduler:
+    """Owns the attached backend and every live job; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_queued: int | None = None,
+        health: HealthHandle | None = None,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self._max_queued = max_queued
+        # One worker thread at a time per device: two steps never touch one model.
+        self._calls = WorkerCalls(limiter if limiter is not None else trio.CapacityLimiter(1))
+        self._inbox_send, self._inbox = trio.open_memory_channel[SchedulerMessage](INBOX_BUFFER)
+        self._backend: Backend | None = None
+        self._epoch = 0
+        self._backend_stats = NO_STATS
+        self._counters = Counters()
+        self._rate = RateWindow()
+        self._step_health = StepHealth(health)
+        self._jobs = JobTable(self._counters)
+        self._new: list[Submit] = []
+        self._to_cancel: set[str] = set()
+        self._cancel_requests: set[str] = set()
+        self._detaching: Detach | None = None
+        self._cancel_all = False
+        self._stopping: Stop | None = None
+        # A step's results held back until the next step's hand-off (see HOLD_MIN_STREAMS).
+        self._held: list[JobResult] = []
+
+    @property
+    def handle(self) -> SchedulerHandle:
+        return SchedulerHandle(scheduler_mailbox(self._inbox_send))
+
+    def statistics(self) -> SchedulerStats:
+        backend = self._backend
+        return snapshot(
+            model_name=backend.info.name if backend is not None else None,
+            epoch=self._epoch,
+            draining=self._detaching is not None,
+            not_yet_enqueued=len(self._new),
+            backend=self._backend_stats,
+            rate=self._rate,
+            counters=self._counters,
+        )
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[SchedulerHandle] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._jobs.serve_in(nursery)
+                task_status.started(self.handle)
+                await self._serve()
+        finally:
+            self._shut_down()
+            self._calls.close()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            if not self._jobs:
+                try:
+                    self._take(await self._inbox.receive())
+                except trio.EndOfChannel:
+                    return  # stopped, and every queued message was handled
+            while True:
+                try:
+                    message = self._inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                self._take(message)
+            for job_id in self._jobs.departed():
+                self._to_cancel.add(job_id)
+            await self._apply()
+            if self._jobs and self._backend is not None:
+                await self._step(self._backend)
+            self._jobs.flush_pending()
+            self._finish_detach_if_drained()
+
+    def _take(self, message: SchedulerMessage) -> None:
+        if isinstance(message, Submit):
+            self._take_submit(message)
+        elif isinstance(message, Cancel):
+            job_id = message.job_id
+            if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
+                self._cancel_requests.add(job_id)
+        elif isinstance(message, Attach):
+            self._take_attach(message)
+        elif isinstance(message, Detach):
+            self._take_detach(message)
+        elif isinstance(message, Stop):
+            self._take_stop(message)
+        elif isinstance(message, GetSchedulerStats):
+            answer(message.reply, self.statistics())
+
+    def _take_submit(self, message: Submit) -> None:
+        if message.reply.statistics().open_receive_channels == 0:
+            message.reply.close()  # the caller left before we got to it
+            message.admitted.close()
+            return
+        error = self._refusal(message)
+        if error is not None:
+            self._counters.rejected += 1
+            answer(message.admitted, error=error)
+            message.reply.close()
+            return
+        self._new.append(message)
+
+    def _refusal(self, message: Submit) -> TabbyError | None:
+        job_id = message.job.job_id
+        if self._backend is None:
+            return NoModelLoaded("no model is loaded")
+        if self._detaching is not None:
+            return NoModelLoaded("the model is being unloaded")
+        if message.model_epoch is not None and message.model_epoch != self._epoch:
+            return NoModelLoaded("the model changed while the request was prepared; retry")
+        if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
+            return Conflict(f"a job with id {job_id!r} is already running")
+        queued = self._backend_stats.waiting_jobs + len(self._new)
+        if self._max_queued is not None and queued >= self._max_queued:
+            return TooManyRequests(
+                f"the server is busy: {queued} requests are queued", retry_after=RETRY_AFTER_S
+            )
+        return None
+
+    def _take_attach(self, message: Attach) -> None:
+        if self._backend is not None or self._detaching is not None:
+            answer(message.reply, error=Conflict("a model is already attached to the scheduler"))
+            return
+        if self._stopping is not None:
+            answer(message.reply, error=Conflict("the scheduler is stopping"))
+            return
+        self._backend = message.backend
+        self._epoch = message.epoch
+        self._backend_stats = NO_STATS
+        log.info("scheduler: serving %s", message.backend.info.name)
+        answer(message.reply, None)
+
+    def _take_detach(self, message: Detach) -> None:
+        if self._backend is None:
+            answer(message.reply, None)
+            return
+        if self._detaching is not None:
+            # A second detach joins the first one; the stronger mode wins.
+            answer(self._detaching.reply, None)
+        self._detaching = message
+        if message.mode == "cancel":
+            self._cancel_all = True
+
+    def _take_stop(self, message: Stop) -> None:
+        if self._backend is not None:
+            answer(message.reply, error=Conflict("detach the backend before stopping"))
+            return
+        if self._stopping is not None:
+            answer(self._stopping.reply, None)
+        self._stopping = message
+        # What is queued still gets its answer; anything sent later is refused at the
+        # handle, and the loop ends when the inbox is empty.
+        self._inbox_send.close()
+
+    async def _apply(self) -> None:
+        """Hand cancellations and new jobs to the backend, then answer the submitters."""
+        new, self._new = self._new, []
+        cancel_all, self._cancel_all = self._cancel_all, False
+        backend = self._backend
+        if backend is None:
+            return
+        if not (new or self._to_cancel or self._cancel_requests or cancel_all):
+            return
+        to_cancel = sorted(self._to_cancel)
+        self._to_cancel.clear()
+        outcomes, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, to_cancel, [s.job for s in new])
+        )
+        for submit, outcome in zip(new, outcomes, strict=True):
+            if outcome is None:
+                self._counters.submitted += 1
+                self._jobs.add(submit.job, submit.reply)
+                answer(submit.admitted, None)
+            else:
+                self._counters.rejected += 1
+                answer(submit.admitted, error=as_tabby_error(outcome, "enqueue"))
+                submit.reply.close()
+        requested, self._cancel_requests = self._cancel_requests, set()
+        if cancel_all:
+            requested |= set(self._jobs)
+        if requested:
+            await self._cancel_jobs(backend, requested, unload=cancel_all)
+
+    async def _cancel_jobs(self, backend: Backend, job_ids: set[str], *, unload: bool) -> None:
+        live = [j for j in (self._jobs.pop(i) for i in sorted(job_ids)) if j is not None]
+        if not live:
+            return
+        _, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, [j.job.job_id for j in live], [])
+        )
+        for job in live:
+            self._counters.cancelled += 1
+            final: JobEvent
+            if unload:
+                final = Failed(ServiceUnavailable("the model was unloaded while the request ran"))
+            else:
+                final = Finished(finish_reason="stop", stop_reason="cancelled")
+            self._jobs.finish(job, final)
+
+    async def _step(self, backend: Backend) -> None:
+        # The previous step's results, if held back, go out at this step's hand-off.
+        held, self._held = self._held, []
+        results, has_work, self._backend_stats = await self._calls(
+            partial(step_in_thread, backend, self._calls.signal if held else None),
+            on_signal=partial(self._jobs.route_all, held) if held else None,
+        )
+        self._counters.steps += 1
+        if isinstance(results, Exception):
+            await self._step_failed(backend, results)
+            return
+        self._step_health.succeeded()
+        if has_work and len(results) >= HOLD_MIN_STREAMS and self._may_hold(backend, results):
+            self._held = results
+        else:
+            self._jobs.route_all(results)
+        tokens = sum(len(result.token_ids) for result in results)
+        if tokens:
+            self._counters.tokens += tokens
+            self._rate.add(tokens)
+        if not has_work and self._jobs:
+            # The backend forgot jobs without finishing them; never spin on them.
+            error = GenerationFailed("the backend dropped the job without finishing it")
+            for live in self._jobs.pop_all():
+                self._counters.failed += 1
+                self._jobs.finish(live, Failed(error))
+
+    def _may_hold(self, backend: Backend, results: list[JobResult]) -> bool:
+        """Hold a step's results only with a hand-off point to send them at, and never a
+        job's first token (time to first token is worth the one-off stall)."""
+        return handoff_step(backend) is not None and self._jobs.all_started(results)
+
+    async def _step_failed(self, backend: Backend, exc: Exception) -> None:
+        log.error("backend step failed", exc_info=exc)
+        error = as_tabby_error(exc, "generation step")
+        self._step_health.failed(f"{type(exc).__name__}: {exc}")
+        failed = self._jobs.pop_all()
+        # The backend may still hold them: free their pages before anyone hears of it.
+        _, self._backend_stats = await self._calls(
+            partial(apply_in_thread, backend, [f.job.job_id for f in failed], [])
+        )
+        for live in failed:
+            self._counters.failed += 1
+            self._jobs.finish(live, Failed(error))
+
+    def _finish_detach_if_drained(self) -> None:
+        detach = self._detaching
+        if detach is None or self._jobs or self._new:
+            return
+        backend, self._backend = self._backend, None
+        self._detaching = None
+        self._backend_stats = NO_STATS
+        log.info("scheduler: detached (%s)", detach.mode)
+        answer(detach.reply, backend)
+
+    def _shut_down(self) -> None:
+        """Every open stream ends with a final error; every waiting caller gets an answer."""
+        error = ServiceUnavailable("server shutting down")
+        for live in self._jobs.pop_all():
+            end_stream(live.reply, [live.pending, Failed(error)])
+        for submit in self._new:
+            answer(submit.admitted, error=error)
+            submit.reply.close()
+        self._new.clear()
+        while True:
+            try:
+                message = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(message, Submit):
+                answer(message.admitted, error=error)
+                message.reply.close()
+            elif not isinstance(message, Cancel):
+                message.reply.close()
+        if self._detaching is not None:
+            self._detaching.reply.close()
+        self._inbox.close()
+        if self._stopping is not None:
+            answer(self._stopping.reply, None)
