@@ -34,6 +34,7 @@ import trio
 
 from tabby.actors.health import HealthHandle
 from tabby.actors.mailbox import answer
+from tabby.actors.scheduler.attachment import Attachment
 from tabby.actors.scheduler.backend_calls import (
     NO_STATS,
     WorkerCalls,
@@ -60,7 +61,6 @@ from tabby.backends.base import Backend, handoff_step
 from tabby.errors import (
     Conflict,
     GenerationFailed,
-    NoModelLoaded,
     ServiceUnavailable,
     TabbyError,
     TooManyRequests,
@@ -92,8 +92,7 @@ class GenerationScheduler:
         # One worker thread at a time per device: two steps never touch one model.
         self._calls = WorkerCalls(limiter if limiter is not None else trio.CapacityLimiter(1))
         self._inbox_send, self._inbox = trio.open_memory_channel[SchedulerMessage](INBOX_BUFFER)
-        self._backend: Backend | None = None
-        self._epoch = 0
+        self._attachment = Attachment(self._inbox_send)
         self._backend_stats = NO_STATS
         self._counters = Counters()
         self._rate = RateWindow()
@@ -102,9 +101,7 @@ class GenerationScheduler:
         self._new: list[Submit] = []
         self._to_cancel: set[str] = set()
         self._cancel_requests: set[str] = set()
-        self._detaching: Detach | None = None
         self._cancel_all = False
-        self._stopping: Stop | None = None
         # A step's results held back until the next step's hand-off (see HOLD_MIN_STREAMS).
         self._held: list[JobResult] = []
 
@@ -113,11 +110,11 @@ class GenerationScheduler:
         return SchedulerHandle(scheduler_mailbox(self._inbox_send))
 
     def statistics(self) -> SchedulerStats:
-        backend = self._backend
+        backend = self._attachment.backend
         return snapshot(
             model_name=backend.info.name if backend is not None else None,
-            epoch=self._epoch,
-            draining=self._detaching is not None,
+            epoch=self._attachment.epoch,
+            draining=self._attachment.detaching is not None,
             not_yet_enqueued=len(self._new),
             backend=self._backend_stats,
             rate=self._rate,
@@ -154,8 +151,9 @@ class GenerationScheduler:
             for job_id in self._jobs.departed():
                 self._to_cancel.add(job_id)
             await self._apply()
-            if self._jobs and self._backend is not None:
-                await self._step(self._backend)
+            backend = self._attachment.backend
+            if self._jobs and backend is not None:
+                await self._step(backend)
             self._jobs.flush_pending()
             self._finish_detach_if_drained()
 
@@ -167,11 +165,12 @@ class GenerationScheduler:
             if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
                 self._cancel_requests.add(job_id)
         elif isinstance(message, Attach):
-            self._take_attach(message)
+            if self._attachment.attach(message):
+                self._backend_stats = NO_STATS
         elif isinstance(message, Detach):
-            self._take_detach(message)
+            self._cancel_all |= self._attachment.detach(message)
         elif isinstance(message, Stop):
-            self._take_stop(message)
+            self._attachment.stop(message)
         elif isinstance(message, GetSchedulerStats):
             answer(message.reply, self.statistics())
 
@@ -190,12 +189,9 @@ class GenerationScheduler:
 
     def _refusal(self, message: Submit) -> TabbyError | None:
         job_id = message.job.job_id
-        if self._backend is None:
-            return NoModelLoaded("no model is loaded")
-        if self._detaching is not None:
-            return NoModelLoaded("the model is being unloaded")
-        if message.model_epoch is not None and message.model_epoch != self._epoch:
-            return NoModelLoaded("the model changed while the request was prepared; retry")
+        refusal = self._attachment.refusal(message.model_epoch)
+        if refusal is not None:
+            return refusal
         if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
             return Conflict(f"a job with id {job_id!r} is already running")
         queued = self._backend_stats.waiting_jobs + len(self._new)
@@ -205,46 +201,11 @@ class GenerationScheduler:
             )
         return None
 
-    def _take_attach(self, message: Attach) -> None:
-        if self._backend is not None or self._detaching is not None:
-            answer(message.reply, error=Conflict("a model is already attached to the scheduler"))
-            return
-        if self._stopping is not None:
-            answer(message.reply, error=Conflict("the scheduler is stopping"))
-            return
-        self._backend = message.backend
-        self._epoch = message.epoch
-        self._backend_stats = NO_STATS
-        log.info("scheduler: serving %s", message.backend.info.name)
-        answer(message.reply, None)
-
-    def _take_detach(self, message: Detach) -> None:
-        if self._backend is None:
-            answer(message.reply, None)
-            return
-        if self._detaching is not None:
-            # A second detach joins the first one; the stronger mode wins.
-            answer(self._detaching.reply, None)
-        self._detaching = message
-        if message.mode == "cancel":
-            self._cancel_all = True
-
-    def _take_stop(self, message: Stop) -> None:
-        if self._backend is not None:
-            answer(message.reply, error=Conflict("detach the backend before stopping"))
-            return
-        if self._stopping is not None:
-            answer(self._stopping.reply, None)
-        self._stopping = message
-        # What is queued still gets its answer; anything sent later is refused at the
-        # handle, and the loop ends when the inbox is empty.
-        self._inbox_send.close()
-
     async def _apply(self) -> None:
         """Hand cancellations and new jobs to the backend, then answer the submitters."""
         new, self._new = self._new, []
         cancel_all, self._cancel_all = self._cancel_all, False
-        backend = self._backend
+        backend = self._attachment.backend
         if backend is None:
             return
         if not (new or self._to_cancel or self._cancel_requests or cancel_all):
@@ -308,9 +269,7 @@ class GenerationScheduler:
         if not has_work and self._jobs:
             # The backend forgot jobs without finishing them; never spin on them.
             error = GenerationFailed("the backend dropped the job without finishing it")
-            for live in self._jobs.pop_all():
-                self._counters.failed += 1
-                self._jobs.finish(live, Failed(error))
+            self._jobs.fail(self._jobs.pop_all(), error)
 
     def _may_hold(self, backend: Backend, results: list[JobResult]) -> bool:
         """Hold a step's results only with a hand-off point to send them at, and never a
@@ -326,19 +285,13 @@ class GenerationScheduler:
         _, self._backend_stats = await self._calls(
             partial(apply_in_thread, backend, [f.job.job_id for f in failed], [])
         )
-        for live in failed:
-            self._counters.failed += 1
-            self._jobs.finish(live, Failed(error))
+        self._jobs.fail(failed, error)
 
     def _finish_detach_if_drained(self) -> None:
-        detach = self._detaching
-        if detach is None or self._jobs or self._new:
+        if self._attachment.detaching is None or self._jobs or self._new:
             return
-        backend, self._backend = self._backend, None
-        self._detaching = None
+        self._attachment.finish_detach()
         self._backend_stats = NO_STATS
-        log.info("scheduler: detached (%s)", detach.mode)
-        answer(detach.reply, backend)
 
     def _shut_down(self) -> None:
         """Every open stream ends with a final error; every waiting caller gets an answer."""
@@ -349,18 +302,22 @@ class GenerationScheduler:
             answer(submit.admitted, error=error)
             submit.reply.close()
         self._new.clear()
-        while True:
-            try:
-                message = self._inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if isinstance(message, Submit):
-                answer(message.admitted, error=error)
-                message.reply.close()
-            elif not isinstance(message, Cancel):
-                message.reply.close()
-        if self._detaching is not None:
-            self._detaching.reply.close()
-        self._inbox.close()
-        if self._stopping is not None:
-            answer(self._stopping.reply, None)
+        _refuse_queued(self._inbox, error)
+        self._attachment.shut_down()
+
+
+def _refuse_queued(
+    inbox: trio.MemoryReceiveChannel[SchedulerMessage], error: ServiceUnavailable
+) -> None:
+    """Answer every message still in ``inbox`` (the scheduler has ended), then close it."""
+    while True:
+        try:
+            message = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if isinstance(message, Submit):
+            answer(message.admitted, error=error)
+            message.reply.close()
+        elif not isinstance(message, Cancel):
+            message.reply.close()  # the asker hears that the scheduler is gone
+    inbox.close()

@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from tabby.actors.scheduler.stats import Counters
-from tabby.errors import GenerationFailed
+from tabby.errors import GenerationFailed, TabbyError
 from tabby.jobs import GenerationJob, JobResult
 from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
 
@@ -125,6 +125,12 @@ class JobTable:
         """Offer held-back output again to clients that lagged behind."""
         for live in self._jobs.values():
             _deliver(live)
+
+    def fail(self, jobs: Sequence[LiveJob], error: TabbyError) -> None:
+        """End ``jobs`` (already taken out of the table) with ``error``."""
+        for live in jobs:
+            self._counters.failed += 1
+            self.finish(live, Failed(error))
 
     def finish(self, live: LiveJob, final: JobEvent) -> None:
         """Send the job's last events, handing them to a delivery task if the client lags."""
