@@ -328,7 +328,7 @@ async def test_stop_after_detach_ends_the_scheduler(health: HealthHandle) -> Non
     assert not outer.cancel_scope.cancelled_caught
     final = (await collect(events))[-1]
     assert isinstance(final, Failed)
-    with pytest.raises(NoModelLoaded, match="unloaded"):
+    with pytest.raises(NoModelLoaded, match="model changed"):
         await rig.handle.submit(job("b"))
     with pytest.raises(NoModelLoaded):
         await rig.handle.statistics()

@@ -129,6 +129,9 @@ class GenerationScheduler:
                 self._jobs.serve_in(nursery)
                 task_status.started(self.handle)
                 await self._serve()
+                # Stopped. Lagging clients may still be getting their last events from
+                # delivery tasks; the stop does not wait for them (the task does).
+                self._attachment.stopped()
         finally:
             self._shut_down()
             self._calls.close()

@@ -86,9 +86,14 @@ class Attachment:
         # handle, and the loop ends when the inbox is empty.
         self._inbox.close()
 
-    def shut_down(self) -> None:
-        """The scheduler has ended: whoever waits on a detach hears so; a stop is done."""
-        if self.detaching is not None:
-            self.detaching.reply.close()
+    def stopped(self) -> None:
+        """The loop has ended after a stop: the stop is done."""
         if self.stopping is not None:
             answer(self.stopping.reply, None)
+            self.stopping = None
+
+    def shut_down(self) -> None:
+        """The scheduler has ended: whoever waits on a detach hears so."""
+        if self.detaching is not None:
+            self.detaching.reply.close()
+        self.stopped()

@@ -33,7 +33,7 @@ __all__ = ["SchedulerHandle", "scheduler_mailbox"]
 def _stopped() -> ServiceUnavailable:
     # A scheduler stops when its model goes: whoever still holds its handle was
     # preparing a request for a model that is not loaded any more.
-    return NoModelLoaded("the model was unloaded while the request was prepared; retry")
+    return NoModelLoaded("the model changed while the request was prepared; retry")
 
 
 def scheduler_mailbox(inbox: trio.MemorySendChannel[SchedulerMessage]) -> Mailbox[SchedulerMessage]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from tabby.actors.model_listing import (
+from tabby.actors.models.listing import (
     ModelEntry,
     list_loras,
     list_models,
