@@ -39,7 +39,7 @@ from tabby.actors.models.planning import Planner
 from tabby.actors.models.residency import Residency
 from tabby.backends.base import LoraSpec
 from tabby.backends.registry import BackendRegistry, default_registry
-from tabby.config import TabbyConfig
+from tabby.config import ModelConfigSection, TabbyConfig
 from tabby.errors import AuthenticationError, InvalidRequest, NoModelLoaded, TabbyError
 from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest
 from tabby.serving.permission import Permission
@@ -131,18 +131,9 @@ class ModelManager:
             await self._residency.close_all()
 
     async def _startup(self) -> None:
-        preset_name = self._config.sampling.override_preset
-        if preset_name:
-            try:
-                preset = await trio.to_thread.run_sync(
-                    load_preset, self._config.resolve_shipped(self._config.sampling.overrides_dir),
-                    preset_name,
-                )
-            except TabbyError as exc:
-                log.warning("sampler preset %r not selected: %s", preset_name, exc.message)
-                self._problems.report("preset", f"sampler preset {preset_name!r}: {exc.message}")
-            else:
-                self._publish(preset_name=preset_name, preset=preset)
+        preset = await _startup_preset(self._config, self._problems)
+        if preset is not None:
+            self._publish(preset_name=self._config.sampling.override_preset, preset=preset)
         name = self._config.model.model_name
         if not (self._startup_load and name):
             return
@@ -251,23 +242,11 @@ class ModelManager:
         answer(message.reply)
 
     async def _ensure_model(self, message: EnsureModel) -> None:
-        name, state, cfg = message.name, self._state, self._config.model
-        admin = message.permission is Permission.ADMIN
+        name, state = message.name, self._state
         if not name or await trio.to_thread.run_sync(self._planner.names_loaded, name, state):
             answer(message.reply, state)
             return
-        if not cfg.inline_model_loading:
-            if admin:
-                log.warning("model %r requested but inline_model_loading is off", name)
-            answer(message.reply, state)
-            return
-        dummy = name in cfg.dummy_model_names
-        if not admin and not dummy:
-            raise AuthenticationError(
-                f"switching to model {name!r} through the model field needs the admin key",
-                param="model",
-            )
-        if dummy:
+        if not _loads_inline(name, message.permission, self._config.model):
             answer(message.reply, state)
             return
         try:
@@ -281,3 +260,35 @@ class ModelManager:
             answer(message.reply, state)
             return
         self._loads.queue(LoadOp(plan, None, message.reply))
+
+
+async def _startup_preset(config: TabbyConfig, problems: Problems) -> SamplerPreset | None:
+    """The configured sampler preset; a missing or bad one is a health problem, not fatal."""
+    name = config.sampling.override_preset
+    if not name:
+        return None
+    directory = config.resolve_shipped(config.sampling.overrides_dir)
+    try:
+        preset: SamplerPreset = await trio.to_thread.run_sync(load_preset, directory, name)
+    except TabbyError as exc:
+        log.warning("sampler preset %r not selected: %s", name, exc.message)
+        problems.report("preset", f"sampler preset {name!r}: {exc.message}")
+        return None
+    return preset
+
+
+def _loads_inline(name: str, permission: Permission, config: ModelConfigSection) -> bool:
+    """Whether a request's ``model`` field naming another model loads it (the rules of
+    ``ModelManagerHandle.ensure_model``); AuthenticationError when the caller may not."""
+    admin = permission is Permission.ADMIN
+    if not config.inline_model_loading:
+        if admin:
+            log.warning("model %r requested but inline_model_loading is off", name)
+        return False
+    dummy = name in config.dummy_model_names
+    if not admin and not dummy:
+        raise AuthenticationError(
+            f"switching to model {name!r} through the model field needs the admin key",
+            param="model",
+        )
+    return not dummy

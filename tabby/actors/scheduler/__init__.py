@@ -5,7 +5,9 @@ Modules, one concept each:
 * ``messages`` — what it accepts (``Submit``, ``Cancel``, ``Attach``, ``Detach``, ``Stop``,
   ``GetSchedulerStats``) and its buffer sizes;
 * ``handle`` — :class:`SchedulerHandle`, what request handlers and the ModelManager hold;
-* ``actor`` — :class:`GenerationScheduler`, the loop: admission, batching, stepping;
+* ``actor`` — :class:`GenerationScheduler`, the loop: batching and stepping;
+* ``admission`` and ``attachment`` — which jobs it takes; which backend it serves
+  (attach, detach, stop);
 * ``delivery`` — the live jobs and the routing of results to their clients;
 * ``backend_calls`` — the calls into the backend, made in a worker thread;
 * ``stats`` and ``step_health`` — its figures and its health reports.

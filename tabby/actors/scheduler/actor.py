@@ -34,6 +34,7 @@ import trio
 
 from tabby.actors.health import HealthHandle
 from tabby.actors.mailbox import answer
+from tabby.actors.scheduler.admission import Admission
 from tabby.actors.scheduler.attachment import Attachment
 from tabby.actors.scheduler.backend_calls import (
     NO_STATS,
@@ -46,7 +47,6 @@ from tabby.actors.scheduler.delivery import JobTable, end_stream
 from tabby.actors.scheduler.handle import SchedulerHandle, scheduler_mailbox
 from tabby.actors.scheduler.messages import (
     INBOX_BUFFER,
-    RETRY_AFTER_S,
     Attach,
     Cancel,
     Detach,
@@ -59,11 +59,8 @@ from tabby.actors.scheduler.stats import Counters, RateWindow, SchedulerStats, s
 from tabby.actors.scheduler.step_health import StepHealth
 from tabby.backends.base import Backend, handoff_step
 from tabby.errors import (
-    Conflict,
     GenerationFailed,
     ServiceUnavailable,
-    TabbyError,
-    TooManyRequests,
 )
 from tabby.jobs import JobResult
 from tabby.jobs.events import Failed, Finished, JobEvent
@@ -88,7 +85,6 @@ class GenerationScheduler:
         health: HealthHandle | None = None,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
-        self._max_queued = max_queued
         # One worker thread at a time per device: two steps never touch one model.
         self._calls = WorkerCalls(limiter if limiter is not None else trio.CapacityLimiter(1))
         self._inbox_send, self._inbox = trio.open_memory_channel[SchedulerMessage](INBOX_BUFFER)
@@ -98,7 +94,7 @@ class GenerationScheduler:
         self._rate = RateWindow()
         self._step_health = StepHealth(health)
         self._jobs = JobTable(self._counters)
-        self._new: list[Submit] = []
+        self._admission = Admission(max_queued, self._counters)
         self._to_cancel: set[str] = set()
         self._cancel_requests: set[str] = set()
         self._cancel_all = False
@@ -115,7 +111,7 @@ class GenerationScheduler:
             model_name=backend.info.name if backend is not None else None,
             epoch=self._attachment.epoch,
             draining=self._attachment.detaching is not None,
-            not_yet_enqueued=len(self._new),
+            not_yet_enqueued=len(self._admission),
             backend=self._backend_stats,
             rate=self._rate,
             counters=self._counters,
@@ -162,10 +158,11 @@ class GenerationScheduler:
 
     def _take(self, message: SchedulerMessage) -> None:
         if isinstance(message, Submit):
-            self._take_submit(message)
+            waiting = self._backend_stats.waiting_jobs
+            self._admission.take(message, self._attachment, self._jobs, waiting)
         elif isinstance(message, Cancel):
             job_id = message.job_id
-            if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
+            if job_id in self._jobs or job_id in self._admission:
                 self._cancel_requests.add(job_id)
         elif isinstance(message, Attach):
             if self._attachment.attach(message):
@@ -177,36 +174,9 @@ class GenerationScheduler:
         elif isinstance(message, GetSchedulerStats):
             answer(message.reply, self.statistics())
 
-    def _take_submit(self, message: Submit) -> None:
-        if message.reply.statistics().open_receive_channels == 0:
-            message.reply.close()  # the caller left before we got to it
-            message.admitted.close()
-            return
-        error = self._refusal(message)
-        if error is not None:
-            self._counters.rejected += 1
-            answer(message.admitted, error=error)
-            message.reply.close()
-            return
-        self._new.append(message)
-
-    def _refusal(self, message: Submit) -> TabbyError | None:
-        job_id = message.job.job_id
-        refusal = self._attachment.refusal(message.model_epoch)
-        if refusal is not None:
-            return refusal
-        if job_id in self._jobs or any(s.job.job_id == job_id for s in self._new):
-            return Conflict(f"a job with id {job_id!r} is already running")
-        queued = self._backend_stats.waiting_jobs + len(self._new)
-        if self._max_queued is not None and queued >= self._max_queued:
-            return TooManyRequests(
-                f"the server is busy: {queued} requests are queued", retry_after=RETRY_AFTER_S
-            )
-        return None
-
     async def _apply(self) -> None:
         """Hand cancellations and new jobs to the backend, then answer the submitters."""
-        new, self._new = self._new, []
+        new = self._admission.take_all()
         cancel_all, self._cancel_all = self._cancel_all, False
         backend = self._attachment.backend
         if backend is None:
@@ -291,7 +261,7 @@ class GenerationScheduler:
         self._jobs.fail(failed, error)
 
     def _finish_detach_if_drained(self) -> None:
-        if self._attachment.detaching is None or self._jobs or self._new:
+        if self._attachment.detaching is None or self._jobs or self._admission:
             return
         self._attachment.finish_detach()
         self._backend_stats = NO_STATS
@@ -301,10 +271,7 @@ class GenerationScheduler:
         error = ServiceUnavailable("server shutting down")
         for live in self._jobs.pop_all():
             end_stream(live.reply, [live.pending, Failed(error)])
-        for submit in self._new:
-            answer(submit.admitted, error=error)
-            submit.reply.close()
-        self._new.clear()
+        self._admission.refuse_all(error)
         _refuse_queued(self._inbox, error)
         self._attachment.shut_down()
 
