@@ -32,11 +32,11 @@ import trio  # noqa: E402
 
 from tabby.actors.messages import LoadProgress, ModelLoaded  # noqa: E402
 from tabby.actors.models import ModelManager, ModelManagerHandle  # noqa: E402
-from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle  # noqa: E402
+from tabby.actors.scheduler import SchedulerHandle, SchedulerStats  # noqa: E402
 from tabby.backends.registry import BackendEntry, BackendRegistry, default_registry  # noqa: E402
 from tabby.config.loader import structure_config  # noqa: E402
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings  # noqa: E402
-from tabby.jobs.events import Failed, Finished, TextChunk  # noqa: E402
+from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk  # noqa: E402
 from tabby.serving.model_settings import ModelLoadRequest  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0)
@@ -102,7 +102,7 @@ class Report:
         return facts
 
 
-async def generate(sched: SchedulerHandle, job: GenerationJob) -> dict[str, Any]:
+async def generate(sched: CurrentScheduler, job: GenerationJob) -> dict[str, Any]:
     text, final = "", None
     ids: list[int] = []
     margins: list[float] = []  # top-1 minus top-2 logprob per token, when asked for
@@ -158,17 +158,36 @@ async def checks(name: str, model: Path, report: Report, dry_run: bool) -> None:
         base_dir=model.parent,
     )
     async with trio.open_nursery() as nursery:
-        limiter = trio.CapacityLimiter(1)
-        sched: SchedulerHandle = await nursery.start(GenerationScheduler(limiter=limiter).run)
         registry = default_registry() if dry_run else registry_for(name)
-        manager = ModelManager(config, sched, registry=registry, limiter=limiter,
-                               startup_load=False)
+        manager = ModelManager(config, registry=registry, startup_load=False)
         models: ModelManagerHandle = await nursery.start(manager.run)
+        sched = CurrentScheduler(models)
         await run_checks("reference" if dry_run else name, model.name, sched, models, report)
         nursery.cancel_scope.cancel()
 
 
-async def run_checks(name: str, model_name: str, sched: SchedulerHandle,
+class CurrentScheduler:
+    """The scheduler of the model loaded now (each loaded model has its own)."""
+
+    def __init__(self, models: ModelManagerHandle) -> None:
+        self._models = models
+
+    def _now(self) -> SchedulerHandle:
+        scheduler = self._models.serving_state().scheduler
+        assert isinstance(scheduler, SchedulerHandle), "no model is loaded"
+        return scheduler
+
+    async def submit(self, job: GenerationJob) -> trio.MemoryReceiveChannel[JobEvent]:
+        return await self._now().submit(job)
+
+    async def cancel(self, job_id: str) -> None:
+        await self._now().cancel(job_id)
+
+    async def statistics(self) -> SchedulerStats:
+        return await self._now().statistics()
+
+
+async def run_checks(name: str, model_name: str, sched: CurrentScheduler,
                      models: ModelManagerHandle, report: Report) -> None:
     ref: dict[str, Any] = {}
     baseline = vram()

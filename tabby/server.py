@@ -27,7 +27,6 @@ from tabby.actors.embedder import embedder_from_config
 from tabby.actors.health import HealthMonitor
 from tabby.actors.keyfile import KeyFile, KeyFileError
 from tabby.actors.models import ModelManager
-from tabby.actors.scheduler import GenerationScheduler
 from tabby.backends.registry import BackendRegistry
 from tabby.config import TabbyConfig
 from tabby.http.app import create_app
@@ -193,34 +192,19 @@ async def _serve(
         auth_store = AuthStore(None if config.network.disable_auth else keys_path, health)
         auth = await nursery.start(auth_store.run)
 
-        # -- model serving: the scheduler, then the model manager (which loads the
-        # startup model before it reports ready). One limiter: stepping, loading and
-        # closing never overlap on the device.
-        device_limiter = trio.CapacityLimiter(1)
         # The embedder loads first: transformers' first import is not thread-safe, and
         # the reference engine's load would otherwise race it.
         embedder = await nursery.start(embedder_from_config(config, health).run)
         downloader = await nursery.start(downloader_from_config(config).run)
-        scheduler = await nursery.start(
-            GenerationScheduler(
-                max_queued=config.network.max_queued_requests,
-                health=health,
-                limiter=device_limiter,
-            ).run
-        )
-        models = await nursery.start(
-            ModelManager(
-                config, scheduler, health=health, registry=registry, limiter=device_limiter
-            ).run
-        )
-        # -- end of model serving.
+        # The model manager starts each loaded model's scheduler itself, and reports
+        # ready once the startup model is loaded.
+        models = await nursery.start(ModelManager(config, health=health, registry=registry).run)
 
         services = Services(
             config=config,
             auth=auth,
             health=health,
             models=models,
-            scheduler=scheduler,
             embedder=embedder,
             downloader=downloader,
         )

@@ -33,6 +33,7 @@ import quart
 import trio
 
 from tabby.actors.keyfile import read_key_file
+from tabby.actors.scheduler import SchedulerHandle
 from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import EmbeddingsConfig, ModelConfigSection, SamplingConfig
 from tabby.engine.embedded import default_model_path
@@ -66,6 +67,15 @@ class LiveServer:
 
 
 StartServer = Callable[..., Awaitable[LiveServer]]
+
+
+def current_scheduler(info: ServerInfo) -> SchedulerHandle:
+    """The scheduler of the model the server has loaded now (each model has its own)."""
+    models = info.services.models
+    assert models is not None
+    scheduler = models.serving_state().scheduler
+    assert isinstance(scheduler, SchedulerHandle), "no model is loaded"
+    return scheduler
 
 
 def make_config(base_dir: Path, **network: Any) -> TabbyConfig:

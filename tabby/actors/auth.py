@@ -12,26 +12,27 @@ invalid file keeps the previous keys and opens a health problem until it is fixe
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import os
+from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import attrs
 import trio
 
 from tabby.actors.health import HealthHandle
 from tabby.actors.keyfile import KeyFile, KeyFileError, create_key_file, read_key_file
-from tabby.errors import ServiceUnavailable
+from tabby.actors.mailbox import Mailbox, Reply, answer
 from tabby.serving.permission import Permission
 
 __all__ = [
     "AuthHandle",
-    "AuthStatistics",
+    "AuthStats",
     "AuthStore",
     "CheckKey",
+    "GetAuthStats",
     "HeaderSource",
     "ReloadKeys",
     "ReloadOutcome",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 # Checks are answered at once; a short queue only absorbs bursts of requests.
 INBOX_BUFFER = 64
@@ -48,22 +48,25 @@ HEALTH_SOURCE = "auth"
 HEALTH_KEY = "api_tokens"
 
 
-
-
 # -- messages ---------------------------------------------------------------------------
 
 
 @attrs.frozen
 class CheckKey:
     keys: tuple[str, ...]
-    reply: trio.MemorySendChannel[Permission]
+    reply: Reply[Permission]
 
 
 @attrs.frozen
 class ReloadKeys:
     """Re-read the keys file now, without waiting for the next poll."""
 
-    reply: trio.MemorySendChannel[ReloadOutcome]
+    reply: Reply[ReloadOutcome]
+
+
+@attrs.frozen
+class GetAuthStats:
+    reply: Reply[AuthStats]
 
 
 @attrs.frozen
@@ -74,15 +77,17 @@ class ReloadOutcome:
 
 
 @attrs.frozen
-class AuthStatistics:
+class AuthStats:
     auth_disabled: bool
     api_keys: int
     checks: int
+    refused: int  # checks that granted no permission
     reloads: int  # successful reads of a changed file (the first read included)
     failed_reloads: int
+    keys_file_problem: bool  # the file on disk was refused; the previous keys serve
 
 
-AuthMessage = CheckKey | ReloadKeys
+AuthMessage = CheckKey | ReloadKeys | GetAuthStats
 
 
 class HeaderSource(Protocol):
@@ -109,29 +114,19 @@ def presented_keys(headers: HeaderSource) -> tuple[str, ...]:
 
 @attrs.frozen
 class AuthHandle:
-    _inbox: trio.MemorySendChannel[AuthMessage]
+    _mailbox: Mailbox[AuthMessage]
 
     async def check(self, headers: HeaderSource) -> Permission:
         return await self.check_keys(presented_keys(headers))
 
     async def check_keys(self, keys: tuple[str, ...]) -> Permission:
-        reply_send, reply_receive = trio.open_memory_channel[Permission](1)
-        return await self._ask(CheckKey(keys, reply_send), reply_receive)
+        return await self._mailbox.ask(partial(CheckKey, keys))
 
     async def reload(self) -> ReloadOutcome:
-        reply_send, reply_receive = trio.open_memory_channel[ReloadOutcome](1)
-        return await self._ask(ReloadKeys(reply_send), reply_receive)
+        return await self._mailbox.ask(ReloadKeys)
 
-    async def _ask(self, message: AuthMessage, reply: trio.MemoryReceiveChannel[R]) -> R:
-        try:
-            await self._inbox.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ServiceUnavailable("the key store is not running") from None
-        async with reply:
-            try:
-                return await reply.receive()
-            except trio.EndOfChannel:
-                raise ServiceUnavailable("the key store is not running") from None
+    async def statistics(self) -> AuthStats:
+        return await self._mailbox.ask(GetAuthStats)
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -169,13 +164,6 @@ def _stamp(path: Path) -> _FileStamp | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _answer(reply: trio.MemorySendChannel[R], value: R) -> None:
-    # The asker may have gone away (client disconnect); nothing to do then.
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-        reply.send_nowait(value)
-    reply.close()
-
-
 def _load_or_create(path: Path) -> tuple[KeyFile, bool]:
     if path.exists():
         return read_key_file(path), False
@@ -199,6 +187,7 @@ class AuthStore:
         self._stamp: _FileStamp | None = None
         self._problem_open = False
         self._checks = 0
+        self._refused = 0
         self._reloads = 0
         self._failed_reloads = 0
         self.created_keys: KeyFile | None = None  # set when run() wrote a new file
@@ -210,15 +199,17 @@ class AuthStore:
 
     @property
     def handle(self) -> AuthHandle:
-        return AuthHandle(self._inbox_send)
+        return AuthHandle(Mailbox(self._inbox_send, "key store"))
 
-    def statistics(self) -> AuthStatistics:
-        return AuthStatistics(
+    def statistics(self) -> AuthStats:
+        return AuthStats(
             auth_disabled=self.auth_disabled,
             api_keys=len(self._keys.api) if self._keys else 0,
             checks=self._checks,
+            refused=self._refused,
             reloads=self._reloads,
             failed_reloads=self._failed_reloads,
+            keys_file_problem=self._problem_open,
         )
 
     async def run(
@@ -254,9 +245,14 @@ class AuthStore:
     async def _handle(self, message: AuthMessage) -> None:
         if isinstance(message, CheckKey):
             self._checks += 1
-            _answer(message.reply, self._permission(message.keys))
+            permission = self._permission(message.keys)
+            if permission is Permission.NONE:
+                self._refused += 1
+            answer(message.reply, permission)
+        elif isinstance(message, ReloadKeys):
+            answer(message.reply, await self._reload())
         else:
-            _answer(message.reply, await self._reload())
+            answer(message.reply, self.statistics())
 
     def _permission(self, keys: tuple[str, ...]) -> Permission:
         if self._keys is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,7 +28,8 @@ from tabby.actors.hub import (
     resolve_endpoint,
     run_download,
 )
-from tabby.errors import Conflict, NotFound, RequestCancelled, ServiceUnavailable, TabbyError
+from tabby.actors.mailbox import Mailbox, Reply, answer
+from tabby.errors import Conflict, NotFound, RequestCancelled, TabbyError
 
 if TYPE_CHECKING:
     from tabby.config import TabbyConfig
@@ -43,7 +45,8 @@ __all__ = [
     "DownloadStarted",
     "Downloader",
     "DownloaderHandle",
-    "DownloaderStatistics",
+    "DownloaderStats",
+    "GetDownloaderStats",
     "ListDownloads",
     "downloader_from_config",
 ]
@@ -68,13 +71,20 @@ class Download:
 
 @attrs.frozen
 class CancelDownload:
+    """Cancel a running download; ``reply`` gets NotFound when none has that id."""
+
     download_id: str
-    reply: trio.MemorySendChannel[bool] | None = None  # True when it was running
+    reply: Reply[None] | None = None
 
 
 @attrs.frozen
 class ListDownloads:
-    reply: trio.MemorySendChannel[tuple[DownloadInfo, ...]]
+    reply: Reply[tuple[DownloadInfo, ...]]
+
+
+@attrs.frozen
+class GetDownloaderStats:
+    reply: Reply[DownloaderStats]
 
 
 # -- events and replies -----------------------------------------------------------------
@@ -122,15 +132,16 @@ class DownloadFailed:
 
 
 DownloadEvent = DownloadStarted | DownloadProgress | DownloadDone | DownloadFailed
-DownloaderMessage = Download | CancelDownload | ListDownloads
+DownloaderMessage = Download | CancelDownload | ListDownloads | GetDownloaderStats
 
 
 @attrs.frozen
-class DownloaderStatistics:
+class DownloaderStats:
     running: int
     started: int
     completed: int
-    failed: int
+    failed: int  # refused, failed or cancelled
+    bytes_downloaded: int  # by the running downloads so far
 
 
 # -- handle -----------------------------------------------------------------------------
@@ -138,47 +149,32 @@ class DownloaderStatistics:
 
 @attrs.frozen
 class DownloaderHandle:
-    _inbox: trio.MemorySendChannel[DownloaderMessage]
+    _mailbox: Mailbox[DownloaderMessage]
 
     async def download(self, spec: DownloadSpec) -> trio.MemoryReceiveChannel[DownloadEvent]:
         """Start a download; the caller owns (and must close) the returned stream."""
         event_send, event_receive = trio.open_memory_channel[DownloadEvent](EVENT_BUFFER)
-        await self._post(Download(spec, event_send))
+        try:
+            await self._mailbox.post(Download(spec, event_send))
+        except BaseException:
+            event_receive.close()
+            raise
         return event_receive
 
     async def cancel(self, download_id: str) -> None:
         """Cancel a running download; :class:`NotFound` when there is none with that id."""
-        reply_send, reply_receive = trio.open_memory_channel[bool](1)
-        await self._post(CancelDownload(download_id, reply_send))
-        async with reply_receive:
-            try:
-                found = await reply_receive.receive()
-            except trio.EndOfChannel:
-                found = False
-        if not found:
-            raise NotFound(f"no running download with id {download_id!r}", param="id")
+        await self._mailbox.ask(partial(CancelDownload, download_id))
 
     def cancel_nowait(self, download_id: str) -> None:
         """Best-effort cancel for cleanup paths (a handler being cancelled itself)."""
-        try:
-            self._inbox.send_nowait(CancelDownload(download_id))
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        if not self._mailbox.try_post(CancelDownload(download_id)):
             log.debug("could not post cancel for %s", download_id)
 
     async def list(self) -> tuple[DownloadInfo, ...]:
-        reply_send, reply_receive = trio.open_memory_channel[tuple[DownloadInfo, ...]](1)
-        await self._post(ListDownloads(reply_send))
-        async with reply_receive:
-            try:
-                return await reply_receive.receive()
-            except trio.EndOfChannel:
-                raise ServiceUnavailable("the downloader is not running") from None
+        return await self._mailbox.ask(ListDownloads)
 
-    async def _post(self, message: DownloaderMessage) -> None:
-        try:
-            await self._inbox.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ServiceUnavailable("the downloader is not running") from None
+    async def statistics(self) -> DownloaderStats:
+        return await self._mailbox.ask(GetDownloaderStats)
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -204,14 +200,15 @@ class Downloader:
 
     @property
     def handle(self) -> DownloaderHandle:
-        return DownloaderHandle(self._inbox_send)
+        return DownloaderHandle(Mailbox(self._inbox_send, "downloader"))
 
-    def statistics(self) -> DownloaderStatistics:
-        return DownloaderStatistics(
+    def statistics(self) -> DownloaderStats:
+        return DownloaderStats(
             running=len(self._running),
             started=self._started,
             completed=self._completed,
             failed=self._failed,
+            bytes_downloaded=sum(r.info.done_bytes for r in self._running.values()),
         )
 
     async def run(
@@ -223,13 +220,23 @@ class Downloader:
                 if isinstance(message, Download):
                     self._start(message, nursery)
                 elif isinstance(message, CancelDownload):
-                    running = self._running.get(message.download_id)
-                    if running is not None:
-                        running.scope.cancel()
-                    if message.reply is not None:
-                        _reply(message.reply, running is not None)
+                    self._cancel(message)
+                elif isinstance(message, ListDownloads):
+                    answer(message.reply, tuple(r.info for r in self._running.values()))
                 else:
-                    _reply(message.reply, tuple(r.info for r in self._running.values()))
+                    answer(message.reply, self.statistics())
+
+    def _cancel(self, message: CancelDownload) -> None:
+        running = self._running.get(message.download_id)
+        if running is not None:
+            running.scope.cancel()
+        if message.reply is None:
+            return
+        if running is None:
+            missing = NotFound(f"no running download with id {message.download_id!r}", param="id")
+            answer(message.reply, error=missing)
+        else:
+            answer(message.reply)
 
     def _start(self, message: Download, nursery: trio.Nursery) -> None:
         spec = message.spec

@@ -13,13 +13,15 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from tabby.actors.health import HealthHandle
+from tabby.actors.mailbox import Mailbox, Reply, answer
 from tabby.backends.infinity import (
     INSTALL_HINT,
     Embeddings,
@@ -40,18 +42,16 @@ __all__ = [
     "EmbedAccepted",
     "Embedder",
     "EmbedderHandle",
-    "EmbedderStatistics",
+    "EmbedderStats",
     "EmbeddingModelLoaded",
-    "GetEmbedderStatus",
+    "GetEmbedderStats",
     "ListEmbeddingModels",
     "LoadEmbeddingModel",
-    "Refused",
     "UnloadEmbeddingModel",
     "embedder_from_config",
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Requests wait here while a model loads; beyond this, callers queue on send().
 INBOX_BUFFER = 64
@@ -66,33 +66,33 @@ _Future = concurrent.futures.Future[tuple[list[Any], int]]
 @attrs.frozen
 class Embed:
     texts: tuple[str, ...]
-    reply: trio.MemorySendChannel[EmbedAccepted | Refused]
+    reply: Reply[EmbedAccepted]
 
 
 @attrs.frozen
 class LoadEmbeddingModel:
     name: str
     device: str | None  # None: the configured device
-    reply: trio.MemorySendChannel[EmbeddingModelLoaded | Refused]
+    reply: Reply[EmbeddingModelLoaded]
 
 
 @attrs.frozen
 class UnloadEmbeddingModel:
-    reply: trio.MemorySendChannel[EmbeddingModelLoaded | Refused]
+    reply: Reply[EmbeddingModelLoaded]
 
 
 @attrs.frozen
-class GetEmbedderStatus:
-    reply: trio.MemorySendChannel[EmbedderStatistics]
+class GetEmbedderStats:
+    reply: Reply[EmbedderStats]
 
 
 @attrs.frozen
 class ListEmbeddingModels:
-    reply: trio.MemorySendChannel[tuple[str, ...] | Refused]
+    reply: Reply[tuple[str, ...]]
 
 
 EmbedderMessage = (
-    Embed | LoadEmbeddingModel | UnloadEmbeddingModel | GetEmbedderStatus | ListEmbeddingModels
+    Embed | LoadEmbeddingModel | UnloadEmbeddingModel | GetEmbedderStats | ListEmbeddingModels
 )
 
 
@@ -115,18 +115,15 @@ class EmbeddingModelLoaded:
 
 
 @attrs.frozen
-class Refused:
-    error: TabbyError
-
-
-@attrs.frozen
-class EmbedderStatistics:
+class EmbedderStats:
     model: str | None
     device: str
     available: bool  # infinity-emb can be imported
     requests: int
     texts: int
     loads: int
+    unloads: int
+    refused: int  # embed requests answered with an error
 
 
 # -- handle -----------------------------------------------------------------------------
@@ -134,46 +131,27 @@ class EmbedderStatistics:
 
 @attrs.frozen
 class EmbedderHandle:
-    _inbox: trio.MemorySendChannel[EmbedderMessage]
+    _mailbox: Mailbox[EmbedderMessage]
 
     async def embed(self, texts: Sequence[str]) -> tuple[str, Embeddings]:
         """Embed ``texts``; returns the model name and the vectors with token usage."""
-        send, receive = trio.open_memory_channel[EmbedAccepted | Refused](1)
-        accepted = _unwrap(await self._ask(Embed(tuple(texts), send), receive))
+        accepted = await self._mailbox.ask(partial(Embed, tuple(texts)))
         return accepted.model, to_embeddings(await await_future(accepted.future))
 
     async def load(self, name: str, device: str | None = None) -> str | None:
-        send, receive = trio.open_memory_channel[EmbeddingModelLoaded | Refused](1)
-        return _unwrap(await self._ask(LoadEmbeddingModel(name, device, send), receive)).model
+        loaded: EmbeddingModelLoaded = await self._mailbox.ask(
+            partial(LoadEmbeddingModel, name, device)
+        )
+        return loaded.model
 
     async def unload(self) -> None:
-        send, receive = trio.open_memory_channel[EmbeddingModelLoaded | Refused](1)
-        _unwrap(await self._ask(UnloadEmbeddingModel(send), receive))
+        await self._mailbox.ask(UnloadEmbeddingModel)
 
-    async def status(self) -> EmbedderStatistics:
-        send, receive = trio.open_memory_channel[EmbedderStatistics](1)
-        return await self._ask(GetEmbedderStatus(send), receive)
+    async def statistics(self) -> EmbedderStats:
+        return await self._mailbox.ask(GetEmbedderStats)
 
     async def list_models(self) -> tuple[str, ...]:
-        send, receive = trio.open_memory_channel[tuple[str, ...] | Refused](1)
-        return _unwrap(await self._ask(ListEmbeddingModels(send), receive))
-
-    async def _ask(self, message: EmbedderMessage, receive: trio.MemoryReceiveChannel[T]) -> T:
-        async with receive:
-            try:
-                await self._inbox.send(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ServiceUnavailable("the embedder is not running") from None
-            try:
-                return await receive.receive()
-            except trio.EndOfChannel:
-                raise ServiceUnavailable("the embedder is not running") from None
-
-
-def _unwrap(reply: T | Refused) -> T:
-    if isinstance(reply, Refused):
-        raise reply.error
-    return reply
+        return await self._mailbox.ask(ListEmbeddingModels)
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -199,24 +177,26 @@ class Embedder:
         self._engine: InfinityEngine | None = None
         # Futures handed out and maybe still running: cancelled when their model goes.
         self._issued: list[_Future] = []
-        self._requests = self._texts = self._loads = 0
+        self._requests = self._texts = self._loads = self._unloads = self._refused = 0
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[EmbedderMessage](
             INBOX_BUFFER
         )
 
     @property
     def handle(self) -> EmbedderHandle:
-        return EmbedderHandle(self._inbox_send)
+        return EmbedderHandle(Mailbox(self._inbox_send, "embedder"))
 
-    def statistics(self) -> EmbedderStatistics:
+    def statistics(self) -> EmbedderStats:
         engine = self._engine
-        return EmbedderStatistics(
+        return EmbedderStats(
             model=engine.name if engine else None,
             device=engine.device if engine else self._device,
             available=not infinity_missing(),
             requests=self._requests,
             texts=self._texts,
             loads=self._loads,
+            unloads=self._unloads,
+            refused=self._refused,
         )
 
     async def run(
@@ -252,43 +232,44 @@ class Embedder:
 
     async def _handle(self, message: EmbedderMessage) -> None:
         if isinstance(message, Embed):
-            answer = self._embed(message.texts)
-            if not _send(message.reply, answer) and isinstance(answer, EmbedAccepted):
-                answer.future.cancel()  # the asker was cancelled before it got the future
+            try:
+                accepted = self._embed(message.texts)
+            except TabbyError as error:
+                self._refused += 1
+                answer(message.reply, error=error)
+                return
+            if not answer(message.reply, accepted):
+                accepted.future.cancel()  # the asker was cancelled before it got the future
         elif isinstance(message, LoadEmbeddingModel):
             try:
                 await self._load(message.name, message.device or self._device)
-                _send(message.reply, EmbeddingModelLoaded(message.name))
             except TabbyError as error:
-                _send(message.reply, Refused(error))
+                answer(message.reply, error=error)
+            else:
+                answer(message.reply, EmbeddingModelLoaded(message.name))
         elif isinstance(message, UnloadEmbeddingModel):
             if self._engine is None:
-                _send(message.reply, Refused(_not_loaded()))
+                answer(message.reply, error=_not_loaded())
             else:
                 await self._drop_engine()
-                _send(message.reply, EmbeddingModelLoaded(None))
-        elif isinstance(message, GetEmbedderStatus):
-            _send(message.reply, self.statistics())
+                self._unloads += 1
+                answer(message.reply, EmbeddingModelLoaded(None))
+        elif isinstance(message, GetEmbedderStats):
+            answer(message.reply, self.statistics())
+        elif infinity_missing():
+            answer(message.reply, error=_unavailable())
         else:
-            _send(message.reply, self._list())
+            answer(message.reply, list_embedding_models(self._model_dir))
 
-    def _embed(self, texts: tuple[str, ...]) -> EmbedAccepted | Refused:
+    def _embed(self, texts: tuple[str, ...]) -> EmbedAccepted:
         if self._engine is None:
-            return Refused(_unavailable() if infinity_missing() else _not_loaded())
+            raise _unavailable() if infinity_missing() else _not_loaded()
         self._issued = [f for f in self._issued if not f.done()]
-        try:
-            future = self._engine.submit(list(texts))
-        except TabbyError as error:
-            return Refused(error)
+        future = self._engine.submit(list(texts))
         self._issued.append(future)
         self._requests += 1
         self._texts += len(texts)
         return EmbedAccepted(self._engine.name, future)
-
-    def _list(self) -> tuple[str, ...] | Refused:
-        if infinity_missing():
-            return Refused(_unavailable())
-        return list_embedding_models(self._model_dir)
 
     async def _load(self, name: str, device: str) -> None:
         if infinity_missing():
@@ -320,17 +301,6 @@ def embedder_from_config(config: TabbyConfig, health: HealthHandle | None = None
         device=section.embeddings_device,
         health=health,
     )
-
-
-def _send(channel: trio.MemorySendChannel[T], value: T) -> bool:
-    """Send the one reply and close; False when the asker has left."""
-    with channel:
-        try:
-            channel.send_nowait(value)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            log.debug("embedder reply dropped: the asker left")
-            return False
-    return True
 
 
 def _unavailable() -> NotImplementedFeature:

@@ -7,7 +7,6 @@ it can close it again: unlike upstream, health recovers once every open problem 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -16,15 +15,16 @@ from datetime import UTC, datetime
 import attrs
 import trio
 
-from tabby.errors import ServiceUnavailable
+from tabby.actors.mailbox import Mailbox, Reply, answer
 
 __all__ = [
     "ClearProblem",
     "GetHealth",
+    "GetHealthStats",
     "HealthHandle",
     "HealthMonitor",
     "HealthReport",
-    "HealthStatistics",
+    "HealthStats",
     "Problem",
     "ReportProblem",
 ]
@@ -60,7 +60,12 @@ class ClearProblem:
 
 @attrs.frozen
 class GetHealth:
-    reply: trio.MemorySendChannel[HealthReport]
+    reply: Reply[HealthReport]
+
+
+@attrs.frozen
+class GetHealthStats:
+    reply: Reply[HealthStats]
 
 
 # -- replies ----------------------------------------------------------------------------
@@ -91,13 +96,14 @@ class HealthReport:
 
 
 @attrs.frozen
-class HealthStatistics:
+class HealthStats:
     open_problems: int
     reports_received: int
     clears_received: int
+    problems_dropped: int  # the oldest ones, beyond MAX_PROBLEMS
 
 
-HealthMessage = ReportProblem | ClearProblem | GetHealth
+HealthMessage = ReportProblem | ClearProblem | GetHealth | GetHealthStats
 
 
 # -- handle -----------------------------------------------------------------------------
@@ -107,7 +113,7 @@ HealthMessage = ReportProblem | ClearProblem | GetHealth
 class HealthHandle:
     """What other components hold: a send channel into the monitor's inbox."""
 
-    _inbox: trio.MemorySendChannel[HealthMessage]
+    _mailbox: Mailbox[HealthMessage]
 
     def report(self, source: str, key: str, description: str) -> None:
         """Open a problem; never blocks, safe to call from any actor."""
@@ -118,23 +124,16 @@ class HealthHandle:
         self._post(ClearProblem(source, key))
 
     def _post(self, message: HealthMessage) -> None:
-        try:
-            self._inbox.send_nowait(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The monitor is gone only while the server shuts down; the record dies with it.
+        # The inbox is unbounded: it refuses only once the monitor is gone, which happens
+        # only while the server shuts down, and the record dies with it.
+        if not self._mailbox.try_post(message):
             log.debug("health monitor stopped; dropped %r", message)
 
     async def get(self) -> HealthReport:
-        reply_send, reply_receive = trio.open_memory_channel[HealthReport](1)
-        try:
-            await self._inbox.send(GetHealth(reply_send))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ServiceUnavailable("the health monitor is not running") from None
-        async with reply_receive:
-            try:
-                return await reply_receive.receive()
-            except trio.EndOfChannel:
-                raise ServiceUnavailable("the health monitor is not running") from None
+        return await self._mailbox.ask(GetHealth)
+
+    async def statistics(self) -> HealthStats:
+        return await self._mailbox.ask(GetHealthStats)
 
 
 # -- actor ------------------------------------------------------------------------------
@@ -150,19 +149,21 @@ class HealthMonitor:
         self._problems: dict[tuple[str, str], Problem] = {}
         self._reports = 0
         self._clears = 0
+        self._dropped = 0
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[HealthMessage](
             INBOX_BUFFER
         )
 
     @property
     def handle(self) -> HealthHandle:
-        return HealthHandle(self._inbox_send)
+        return HealthHandle(Mailbox(self._inbox_send, "health monitor"))
 
-    def statistics(self) -> HealthStatistics:
-        return HealthStatistics(
+    def statistics(self) -> HealthStats:
+        return HealthStats(
             open_problems=len(self._problems),
             reports_received=self._reports,
             clears_received=self._clears,
+            problems_dropped=self._dropped,
         )
 
     async def run(
@@ -181,14 +182,10 @@ class HealthMonitor:
             self._clears += 1
             if self._problems.pop((message.source, message.key), None) is not None:
                 log.info("health: %s recovered (%s)", message.source, message.key)
+        elif isinstance(message, GetHealth):
+            answer(message.reply, HealthReport(tuple(self._problems.values())))
         else:
-            report = HealthReport(tuple(self._problems.values()))
-            # The asker may have gone away (client disconnect); that is not our problem.
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock
-            ):
-                message.reply.send_nowait(report)
-            message.reply.close()
+            answer(message.reply, self.statistics())
 
     def _open(self, message: ReportProblem) -> None:
         ident = (message.source, message.key)
@@ -201,3 +198,4 @@ class HealthMonitor:
             log.warning("health: %s: %s", message.source, message.description)
         while len(self._problems) > MAX_PROBLEMS:
             del self._problems[next(iter(self._problems))]
+            self._dropped += 1

@@ -10,11 +10,9 @@ Consumers never need to look at anything but these classes; every error they see
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import attrs
-import trio
 
 from tabby.backends.base import LoadProgress
 from tabby.errors import TabbyError
@@ -23,16 +21,11 @@ if TYPE_CHECKING:
     from tabby.serving.state import ServingState
 
 __all__ = [
-    "Answer",
     "LoadEvent",
     "LoadFailed",
     "LoadProgress",
     "ModelLoaded",
-    "Reply",
-    "answer",
 ]
-
-T = TypeVar("T")
 
 
 @attrs.frozen
@@ -50,24 +43,3 @@ class LoadFailed:
 
 
 LoadEvent = LoadProgress | ModelLoaded | LoadFailed
-
-
-@attrs.frozen
-class Answer(Generic[T]):
-    """A one-shot reply: a value or the error that prevented it."""
-
-    value: T | None = None
-    error: TabbyError | None = None
-
-
-Reply = trio.MemorySendChannel[Answer[T]]
-
-
-def answer(reply: Reply[T], value: T | None = None, error: TabbyError | None = None) -> None:
-    """Send the one answer to a request and close its reply channel.
-
-    The asker may have gone away meanwhile (e.g. a client disconnect): that is fine.
-    """
-    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        reply.send_nowait(Answer(value, error))
-    reply.close()

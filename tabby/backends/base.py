@@ -14,20 +14,21 @@ worker thread (never from the event loop, never from two threads at once):
 own job objects; the reference engine takes it as is. Each call to ``step`` returns
 at most one ``JobResult`` per job that made progress; the last one for a job has
 ``finished=True`` and carries ``stats``.
+
+Optional abilities are declared in ``info.capabilities``, and callers decide by those
+flags, never by looking for methods. One of them adds a method: a backend whose
+``capabilities.handoff`` is set also implements :class:`HandoffStep`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import Literal, Protocol, cast
 
 import attrs
 
 from tabby.jobs import GenerationJob, JobResult, Tokenizer
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "Backend",
@@ -43,6 +44,7 @@ __all__ = [
     "handoff_step",
 ]
 
+
 @attrs.frozen
 class Capabilities:
     vision: bool = False
@@ -50,6 +52,8 @@ class Capabilities:
     draft: bool = False
     logprobs: bool = True
     constraints: bool = True
+    # The step has a hand-off point: the backend implements HandoffStep.
+    handoff: bool = False
 
 
 @attrs.frozen
@@ -105,20 +109,25 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class HandoffStep(Protocol):
-    """A backend whose step has a hand-off point: ``handoff()`` is called once per step,
-    right before a long native computation that needs no Python (the reference engine:
-    its LM head), so the event loop's work done then does not stall the step's Python
-    between kernels. The GenerationScheduler sends the previous step's text to the
-    clients at that point when many streams run (see ``tabby.actors.scheduler``).
+class HandoffStep(Backend, Protocol):
+    """A backend whose step has a hand-off point (``capabilities.handoff``).
+
+    ``step_with_handoff(handoff)`` is one ``step`` that calls ``handoff()`` once, right
+    before a long native computation that needs no Python (the reference engine: its LM
+    head), so the event loop's work done then does not stall the step's Python between
+    kernels. The GenerationScheduler sends the previous step's text to the clients at
+    that point when many streams run (see ``tabby.actors.scheduler``). A step with
+    nothing to run may return without calling it.
     """
 
     def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]: ...
 
 
 def handoff_step(backend: Backend) -> HandoffStep | None:
-    """``backend`` as a :class:`HandoffStep`, or None when its step has no hand-off point."""
-    if callable(getattr(backend, "step_with_handoff", None)):
+    """``backend`` as a :class:`HandoffStep` when its capabilities declare a hand-off
+    point, else None."""
+    if backend.info.capabilities.handoff:
+        # The flag is the backend's promise that it implements the protocol.
         return cast(HandoffStep, backend)
     return None
 

@@ -247,7 +247,7 @@ def from_checkpoint(
         cache_mode="FP16" if dtype != torch.float32 else "FP32",
         max_batch_size=batch,
         chunk_size=spec.chunk_size,
-        capabilities=Capabilities(),
+        capabilities=Capabilities(handoff=True),
         path=str(ckpt.path),
     )
     progress(LoadProgress("model", n_layers, n_layers, "finished"))

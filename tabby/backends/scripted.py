@@ -13,6 +13,7 @@ stop string), a paged-cache account (``page_size`` tokens per page) and a prompt
 check. Failures can be injected into ``enqueue``, ``step`` and single jobs, and
 ``before_step`` (called in the worker thread at the start of every step, e.g. a
 ``threading.Semaphore().acquire``) lets a test hold steps until it releases them.
+``Capabilities(handoff=True)`` makes it declare a hand-off point, at the start of each step.
 """
 
 from __future__ import annotations
@@ -203,6 +204,12 @@ class ScriptedBackend:
             if result.finished:
                 del self._live[result.job_id]
         return results
+
+    def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+        """A step whose hand-off point comes first; the scheduler uses it only when the
+        backend was made with ``Capabilities(handoff=True)``."""
+        handoff()
+        return self.step()
 
     def _advance(self, entry: _Job) -> JobResult:
         job = entry.job

@@ -22,7 +22,7 @@ from tabby.http.body import parse_body
 from tabby.http.services import Services
 
 if TYPE_CHECKING:
-    from tabby.actors.embedder import EmbedderHandle, EmbedderStatistics
+    from tabby.actors.embedder import EmbedderHandle, EmbedderStats
 
 __all__ = ["EmbeddingModelLoadRequest", "EmbeddingsRequest", "blueprint", "encode_vector"]
 
@@ -74,7 +74,7 @@ def texts_of(body: EmbeddingsRequest, max_batch: int) -> list[str]:
     return texts
 
 
-def _card(name: str, created: int, status: EmbedderStatistics | None = None) -> dict[str, Any]:
+def _card(name: str, created: int, status: EmbedderStats | None = None) -> dict[str, Any]:
     card: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
     if status is not None:
         card["parameters"] = {"device": status.device, "requests": status.requests}
@@ -94,8 +94,8 @@ def blueprint(services: Services) -> quart.Blueprint:
             )
         return handle
 
-    async def loaded() -> EmbedderStatistics:
-        status = await embedder().status()
+    async def loaded() -> EmbedderStats:
+        status = await embedder().statistics()
         if not status.available:
             raise NotImplementedFeature(
                 "embeddings need infinity-emb: pip install 'tabby[embeddings]'",

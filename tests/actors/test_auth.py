@@ -11,12 +11,14 @@ import trio
 
 from tabby.actors.auth import (
     AuthHandle,
+    AuthStats,
     AuthStore,
     ReloadOutcome,
     presented_keys,
 )
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.keyfile import KeyFileError, add_api_key, read_key_file
+from tabby.errors import ServiceUnavailable
 from tabby.serving.permission import Permission
 
 # Real time: the store stats the file in a worker thread, which a virtual clock would
@@ -199,3 +201,34 @@ async def test_deleted_file_keeps_keys_until_restored(
     path.write_text(saved)
     assert (await auth.reload()).ok
     assert (await health.get()).healthy
+
+
+async def test_statistics_through_the_handle(
+    nursery: trio.Nursery, health: HealthHandle, tmp_path: Path
+) -> None:
+    path = tmp_path / "api_tokens.toml"
+    path.write_text('admin_key = "adm"\napi_keys = ["k1", "k2"]\n')
+    _, auth = await start_store(nursery, path, health)
+    assert await auth.check_keys(("k1",)) is Permission.API
+    assert await auth.check_keys(("nope",)) is Permission.NONE
+    path.write_text('admin_key = "x"\napi_keys = "not a list"\n')
+    assert not (await auth.reload()).ok
+    assert await auth.statistics() == AuthStats(
+        auth_disabled=False,
+        api_keys=2,
+        checks=2,
+        refused=1,
+        reloads=1,
+        failed_reloads=1,
+        keys_file_problem=True,
+    )
+
+
+async def test_handle_after_store_stopped(health: HealthHandle) -> None:
+    async with trio.open_nursery() as nursery:
+        _, auth = await start_store(nursery, None, health)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(ServiceUnavailable, match="the key store is not running"):
+        await auth.check_keys(("k",))
+    with pytest.raises(ServiceUnavailable):
+        await auth.statistics()

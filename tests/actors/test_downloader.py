@@ -13,6 +13,7 @@ from tabby.actors.downloader import (
     DownloadDone,
     Downloader,
     DownloaderHandle,
+    DownloaderStats,
     DownloadEvent,
     DownloadFailed,
     DownloadProgress,
@@ -179,6 +180,25 @@ async def test_cancel_by_id_leaves_nothing(env: Env) -> None:
     assert await env.handle.list() == ()
     with pytest.raises(NotFound):
         await env.handle.cancel(started.info.download_id)
+
+
+async def test_statistics_through_the_handle(env: Env) -> None:
+    env.hub.add(FakeRepo("org/big", {"big.bin": os.urandom(400_000)}, slow_file="big.bin"))
+    await collect(env.handle, env.spec(include=("README.md",)))
+    events = await env.handle.download(env.spec("org/big"))
+    async with events:
+        assert isinstance(await events.receive(), DownloadStarted)
+        progress = await events.receive()
+        assert isinstance(progress, DownloadProgress)
+        busy = await env.handle.statistics()
+        assert (busy.running, busy.started, busy.completed, busy.failed) == (1, 2, 1, 0)
+        assert busy.bytes_downloaded >= progress.progress.done_bytes > 0
+    with trio.fail_after(5):
+        while (await env.handle.statistics()).running:
+            await trio.sleep(0.02)
+    assert await env.handle.statistics() == DownloaderStats(
+        running=0, started=2, completed=1, failed=1, bytes_downloaded=0
+    )
 
 
 async def test_consumer_leaving_cancels(env: Env) -> None:

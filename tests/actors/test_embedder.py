@@ -140,8 +140,9 @@ async def test_load_unload_and_errors(
         await handle.load("broken")
     assert broken.value.code == "embedding_load_failed"
     assert await handle.load(EMBEDDED_MODEL_NAME) == EMBEDDED_MODEL_NAME
-    status = await handle.status()
+    status = await handle.statistics()
     assert (status.model, status.loads, status.available) == (EMBEDDED_MODEL_NAME, 2, True)
+    assert (status.unloads, status.refused) == (1, 1)  # the embed while none was loaded
     assert (await handle.embed(["back"]))[1].vectors.shape == (1, 384)
     assert actor.statistics() == attrs.evolve(status, requests=1, texts=1)
 
@@ -149,7 +150,7 @@ async def test_load_unload_and_errors(
 async def test_no_model_configured(nursery: trio.Nursery, tmp_path: Path) -> None:
     (tmp_path / "other-model").mkdir()
     handle = await nursery.start(Embedder(model_dir=tmp_path, model_name=None).run)
-    assert (await handle.status()).model is None
+    assert (await handle.statistics()).model is None
     assert "other-model" in await handle.list_models()
     with pytest.raises(ServiceUnavailable):
         await handle.embed(["x"])

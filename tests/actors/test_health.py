@@ -10,7 +10,7 @@ from tabby.actors.health import (
     MAX_PROBLEMS,
     HealthHandle,
     HealthMonitor,
-    HealthStatistics,
+    HealthStats,
     Problem,
 )
 from tabby.errors import ServiceUnavailable
@@ -56,8 +56,8 @@ async def test_report_then_clear_recovers(monitor: tuple[HealthMonitor, HealthHa
     assert [p.source for p in report.problems] == ["auth"]
     health.clear("auth", "api_tokens")
     assert (await health.get()).healthy
-    assert actor.statistics() == HealthStatistics(
-        open_problems=0, reports_received=2, clears_received=3
+    assert actor.statistics() == HealthStats(
+        open_problems=0, reports_received=2, clears_received=3, problems_dropped=0
     )
 
 
@@ -93,6 +93,19 @@ async def test_record_is_bounded(monitor: tuple[HealthMonitor, HealthHandle]) ->
     assert problems[0].key == "k5"  # the oldest were dropped
 
 
+async def test_statistics_through_the_handle(monitor: tuple[HealthMonitor, HealthHandle]) -> None:
+    _, health = monitor
+    for i in range(MAX_PROBLEMS + 2):
+        health.report("flappy", f"k{i}", "down")
+    health.clear("flappy", f"k{MAX_PROBLEMS + 1}")
+    assert await health.statistics() == HealthStats(
+        open_problems=MAX_PROBLEMS - 1,
+        reports_received=MAX_PROBLEMS + 2,
+        clears_received=1,
+        problems_dropped=2,
+    )
+
+
 async def test_handle_after_monitor_stopped() -> None:
     actor = HealthMonitor()
     async with trio.open_nursery() as nursery:
@@ -100,5 +113,7 @@ async def test_handle_after_monitor_stopped() -> None:
         nursery.cancel_scope.cancel()
     health.report("late", "k", "shutting down")  # must not raise
     health.clear("late", "k")
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(ServiceUnavailable, match="the health monitor is not running"):
         await health.get()
+    with pytest.raises(ServiceUnavailable):
+        await health.statistics()

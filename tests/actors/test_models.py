@@ -1,5 +1,5 @@
 """ModelManager driven through its handle, with a recording scripted loader and a tiny
-real model; the scheduler and health monitor are the real actors."""
+real model; each model's scheduler and the health monitor are the real actors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import trio
 
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
-from tabby.actors.model_listing import resolve_model
 from tabby.actors.models import ModelManager, ModelManagerHandle
-from tabby.actors.scheduler import GenerationScheduler, SchedulerHandle
+from tabby.actors.models.listing import resolve_model
+from tabby.actors.models.residency import DeviceLimiters, DeviceStats
+from tabby.actors.scheduler import SchedulerHandle
 from tabby.backends.base import Backend, LoadProgress, LoadSpec, ProgressCallback
 from tabby.backends.registry import BackendEntry, BackendRegistry, default_registry
 from tabby.backends.scripted import ScriptedBackend
@@ -42,6 +43,7 @@ from tabby.serving.model_settings import (
     detect_backend,
 )
 from tabby.serving.permission import Permission
+from tabby.serving.state import ServingState
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
@@ -124,9 +126,19 @@ def make_config(tmp_path: Path, model_dir: Path, **model: Any) -> TabbyConfig:
 @attrs.frozen
 class Rig:
     models: ModelManagerHandle
-    scheduler: SchedulerHandle
+    manager: ModelManager
     health: HealthHandle
     loader: Loader
+
+    @property
+    def scheduler(self) -> SchedulerHandle:
+        """The scheduler of the model loaded now."""
+        return scheduler_of(self.models.serving_state())
+
+
+def scheduler_of(state: ServingState) -> SchedulerHandle:
+    assert isinstance(state.scheduler, SchedulerHandle), "no model is loaded"
+    return state.scheduler
 
 
 async def start(
@@ -140,13 +152,9 @@ async def start(
     if registry is None:
         registry = default_registry().with_entry(BackendEntry("reference", loader))
     health: HealthHandle = await nursery.start(HealthMonitor().run)
-    limiter = trio.CapacityLimiter(1)
-    scheduler: SchedulerHandle = await nursery.start(
-        GenerationScheduler(health=health, limiter=limiter).run
-    )
-    manager = ModelManager(config, scheduler, health=health, registry=registry, limiter=limiter)
+    manager = ModelManager(config, health=health, registry=registry)
     models: ModelManagerHandle = await nursery.start(manager.run)
-    return Rig(models, scheduler, health, loader)
+    return Rig(models, manager, health, loader)
 
 
 async def load_events(models: ModelManagerHandle, request: ModelLoadRequest) -> list[LoadEvent]:
@@ -343,6 +351,9 @@ async def test_load_drains_or_cancels_running_jobs(rig: Rig) -> None:
         last = [e async for e in events][-1]
     assert isinstance(last, Failed)
     assert isinstance(last.error, ServiceUnavailable)
+    # A request prepared for the old model is refused, by its scheduler or the new one.
+    with pytest.raises(NoModelLoaded, match="model changed"):
+        await scheduler_of(state).submit(GenerationJob("old", (1,), 3), model_epoch=state.epoch)
     with pytest.raises(NoModelLoaded, match="model changed"):
         await rig.scheduler.submit(GenerationJob("old", (1,), 3), model_epoch=state.epoch)
     assert new.epoch == state.epoch + 1
@@ -364,7 +375,7 @@ async def test_concurrent_loads_are_serialized(rig: Rig) -> None:
 
 
 async def test_failed_load_leaves_no_model_and_a_health_problem(rig: Rig) -> None:
-    await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    alpha = await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
     rig.loader.fail.add("broken")
     events = await load_events(rig.models, ModelLoadRequest(model_name="broken"))
     assert events[0] == LoadProgress("model", 1, 2)
@@ -374,8 +385,9 @@ async def test_failed_load_leaves_no_model_and_a_health_problem(rig: Rig) -> Non
     state = rig.models.serving_state()
     assert (state.loaded, state.model_name, state.template) == (False, None, None)
     assert rig.loader.backends[0].closed
+    assert state.scheduler is None
     with pytest.raises(NoModelLoaded):
-        await rig.scheduler.submit(GenerationJob("j", (1,), 3))
+        await scheduler_of(alpha).submit(GenerationJob("j", (1,), 3))
     report = await rig.health.get()
     assert [p.source for p in report.problems] == ["models"]
     await rig.models.load_model_and_wait(ModelLoadRequest(model_name="beta"))
@@ -393,7 +405,7 @@ async def test_unload(rig: Rig) -> None:
     assert not rig.models.serving_state().loaded
     assert rig.loader.backends[0].closed
     with pytest.raises(NoModelLoaded):
-        await rig.scheduler.submit(GenerationJob("k", (1,), 3))
+        await scheduler_of(state).submit(GenerationJob("k", (1,), 3))
     await rig.models.unload_model()  # nothing loaded: still fine
 
 
@@ -493,3 +505,101 @@ async def test_reference_engine_load_serves_with_its_template(
     prompt = tuple(state.tokenizer.encode("Hello"))
     async with await rig.scheduler.submit(GenerationJob("j", prompt, 4), model_epoch=state.epoch) as ev:
         assert [type(e).__name__ for e in [e async for e in ev]][-1] == "Finished"
+
+
+# -- one scheduler per loaded model -------------------------------------------------------
+
+
+async def test_a_load_starts_a_scheduler_that_serves_the_model(rig: Rig) -> None:
+    assert rig.models.serving_state().scheduler is None
+    assert (await rig.models.statistics()).resident == ()
+    state = await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    scheduler = scheduler_of(state)
+    stats = await scheduler.statistics()
+    assert (stats.attached, stats.model_name, stats.model_epoch) == (True, "alpha", state.epoch)
+    async with await scheduler.submit(GenerationJob("j", (1,), 5), model_epoch=state.epoch) as ev:
+        received = [e async for e in ev]
+    assert "".join(e.text for e in received if isinstance(e, TextChunk)) == "m" * 5
+    assert (await rig.models.statistics()).resident == ("alpha",)
+
+
+async def test_an_unload_stops_the_scheduler_and_ends_its_jobs(rig: Rig) -> None:
+    state = await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    scheduler = scheduler_of(state)
+    events = await scheduler.submit(GenerationJob("j", (1,), 10**6), model_epoch=state.epoch)
+    await rig.models.unload_model()
+    async with events:
+        last = [e async for e in events][-1]
+    assert isinstance(last, Failed)
+    with pytest.raises(NoModelLoaded):
+        await scheduler.statistics()  # stopped: its inbox is closed
+    stats = await rig.models.statistics()
+    assert (stats.resident, stats.unloads) == ((), 1)
+    assert rig.models.serving_state().scheduler is None
+
+
+async def test_a_reload_gets_a_fresh_scheduler(rig: Rig) -> None:
+    first = await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    async with await scheduler_of(first).submit(GenerationJob("a", (1,), 3)) as events:
+        assert [e async for e in events]
+    second = await rig.models.load_model_and_wait(
+        ModelLoadRequest(model_name="beta", skip_queue=True)
+    )
+    assert scheduler_of(second) is not scheduler_of(first)
+    stats = await scheduler_of(second).statistics()
+    assert (stats.model_name, stats.jobs_submitted, stats.model_epoch) == ("beta", 0, second.epoch)
+    with pytest.raises(NoModelLoaded, match="model changed"):
+        await scheduler_of(first).submit(GenerationJob("old", (1,), 3), model_epoch=first.epoch)
+    with pytest.raises(NoModelLoaded, match="model changed"):
+        await scheduler_of(second).submit(GenerationJob("old", (1,), 3), model_epoch=first.epoch)
+    assert (await rig.models.statistics()).resident == ("beta",)
+
+
+async def test_shutdown_ends_the_running_jobs_of_every_scheduler(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        rig = await start(nursery, make_config(tmp_path, model_dir, model_name="alpha"))
+        state = rig.models.serving_state()
+        events = await rig.scheduler.submit(GenerationJob("j", (1,), 10**6), model_epoch=state.epoch)
+        nursery.cancel_scope.cancel()
+    async with events:
+        last = [e async for e in events][-1]
+    assert isinstance(last, Failed)
+    assert last.error.message == "server shutting down"
+    assert rig.loader.backends[0].closed
+
+
+def test_device_limiters_one_per_device() -> None:
+    limiters = DeviceLimiters()
+    cpu, cuda = limiters["cpu"], limiters["cuda:0"]
+    assert limiters["cpu"] is cpu
+    assert cpu is not cuda
+    assert (cpu.total_tokens, cuda.total_tokens) == (1, 1)
+    assert limiters.statistics() == (
+        DeviceStats("cpu", busy=False, waiting=0),
+        DeviceStats("cuda:0", busy=False, waiting=0),
+    )
+
+
+async def test_loads_and_steps_hold_the_limiter_of_their_device(rig: Rig, model_dir: Path) -> None:
+    (model_dir / "alpha" / "tabby_config.toml").write_text('device = "cpu"\n')
+    (model_dir / "beta" / "tabby_config.toml").write_text('device = "cuda:0"\n')
+    await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    assert rig.loader.specs[-1].device == "cpu"
+    rig.loader.hold = threading.Event()
+    events = await rig.models.load_model(ModelLoadRequest(model_name="beta"))
+    # The load of beta waits in its thread, holding cuda:0 and nothing else.
+    with trio.fail_after(10):
+        while not (stats := await rig.models.statistics()).devices or not any(
+            d.busy for d in stats.devices
+        ):
+            await trio.sleep(0.01)
+    assert stats.devices == (
+        DeviceStats("cpu", busy=False, waiting=0),
+        DeviceStats("cuda:0", busy=True, waiting=0),
+    )
+    rig.loader.hold.set()
+    async with events:
+        assert isinstance([e async for e in events][-1], ModelLoaded)
+    assert (await rig.models.statistics()).resident == ("beta",)

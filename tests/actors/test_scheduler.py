@@ -11,7 +11,6 @@ import attrs
 import pytest
 import trio
 
-from tabby.actors.backend_calls import step_in_thread
 from tabby.actors.health import HealthHandle, HealthMonitor
 from tabby.actors.scheduler import (
     HOLD_MIN_STREAMS,
@@ -19,7 +18,8 @@ from tabby.actors.scheduler import (
     GenerationScheduler,
     SchedulerHandle,
 )
-from tabby.backends.base import LoadSpec
+from tabby.actors.scheduler.backend_calls import step_in_thread
+from tabby.backends.base import Capabilities, LoadSpec, handoff_step
 from tabby.backends.scripted import ScriptedBackend
 from tabby.errors import (
     Conflict,
@@ -315,6 +315,26 @@ async def test_shutdown_ends_streams_with_an_error(health: HealthHandle) -> None
         await rig.handle.submit(job("b"))
 
 
+async def test_stop_after_detach_ends_the_scheduler(health: HealthHandle) -> None:
+    backend = ScriptedBackend(script="s" * LONG)
+    async with trio.open_nursery() as outer:
+        rig = await start(outer, health, backend)
+        events = await rig.handle.submit(job("a"))
+        with pytest.raises(Conflict, match="detach"):
+            await rig.handle.stop()
+        assert await rig.handle.detach("cancel") is backend
+        await rig.handle.stop()
+        # run() has returned by itself: nothing is left for the nursery to cancel.
+    assert not outer.cancel_scope.cancelled_caught
+    final = (await collect(events))[-1]
+    assert isinstance(final, Failed)
+    with pytest.raises(NoModelLoaded, match="model changed"):
+        await rig.handle.submit(job("b"))
+    with pytest.raises(NoModelLoaded):
+        await rig.handle.statistics()
+    await rig.handle.cancel("b")  # a stopped scheduler runs nothing: ignored
+
+
 async def test_next_step_starts_before_the_clients_handle_the_last_one(
     nursery: trio.Nursery, health: HealthHandle
 ) -> None:
@@ -387,11 +407,14 @@ async def test_reference_engine_batches_and_frees_cache_on_disconnect(
     assert backend.statistics().cache_pages_used == 0
 
 
+HANDOFF = Capabilities(handoff=True)
+
+
 class HandoffScripted(ScriptedBackend):
     """A scripted backend with a hand-off point the test can hold closed."""
 
     def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
+        super().__init__(capabilities=HANDOFF, **kw)  # type: ignore[arg-type]
         self.at_handoff = threading.Event()
         self.go = threading.Semaphore(0)
         self.gated = False
@@ -478,10 +501,10 @@ def test_step_in_thread_hands_off_exactly_once() -> None:
     step_in_thread(Plain(), handoff)
     assert calls == ["handoff", "step"]  # no hand-off point: before the step
     calls.clear()
-    step_in_thread(Silent(), handoff)
+    step_in_thread(Silent(capabilities=HANDOFF), handoff)
     assert calls == ["step", "handoff"]  # never reached: after the step
     calls.clear()
-    results, _, _ = step_in_thread(Failing(), handoff)
+    results, _, _ = step_in_thread(Failing(capabilities=HANDOFF), handoff)
     assert isinstance(results, RuntimeError)
     assert calls == ["handoff"]
     calls.clear()
@@ -489,6 +512,24 @@ def test_step_in_thread_hands_off_exactly_once() -> None:
     backend.enqueue(job("x"))
     step_in_thread(backend, handoff)
     assert calls == ["handoff"]
+
+
+def test_a_handoff_point_counts_only_when_the_capabilities_declare_it() -> None:
+    calls: list[str] = []
+
+    class Undeclared(ScriptedBackend):  # has the method, but does not declare it
+        def step_with_handoff(self, handoff: Callable[[], None]) -> list[JobResult]:
+            calls.append("step_with_handoff")
+            return super().step_with_handoff(handoff)
+
+    assert handoff_step(Undeclared()) is None
+    step_in_thread(Undeclared(), lambda: calls.append("handoff"))
+    assert calls == ["handoff"]  # the plain step, handed off before it
+    declared = Undeclared(capabilities=HANDOFF)
+    assert handoff_step(declared) is declared
+    calls.clear()
+    step_in_thread(declared, lambda: calls.append("handoff"))
+    assert calls == ["step_with_handoff", "handoff"]
 
 
 async def test_a_step_with_a_first_token_is_not_held(

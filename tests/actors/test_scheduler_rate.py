@@ -22,7 +22,7 @@ async def test_rate_window_is_trimmed_without_statistics_calls(
             await events.receive()
             mock_clock.jump(1.0)
         await events.receive()
-    times = [t for t, _ in scheduler._rate]
+    times = [t for t, _ in scheduler._rate.samples]
     assert trio.current_time() >= seconds
     assert times
     assert times[-1] - times[0] <= RATE_WINDOW_S

@@ -8,7 +8,7 @@ import gguf
 import pytest
 import torch
 
-from tabby.backends.base import Backend, LoadProgress, LoadSpec
+from tabby.backends.base import Backend, LoadProgress, LoadSpec, handoff_step
 from tabby.backends.reference import ReferenceBackend, load, resolve_dtype
 from tabby.engine.batch import SeqChunk, build_batch
 from tabby.engine.embedded import default_model_path
@@ -67,6 +67,17 @@ def test_info_and_protocol(tiny: ReferenceBackend) -> None:
     assert backend.tokenizer.decode(backend.tokenizer.encode("Hello world")) == "Hello world"
     stats = backend.statistics()
     assert (stats.live_jobs, stats.cache_pages_used) == (0, 0)
+
+
+def test_declares_its_handoff_point(tiny: ReferenceBackend) -> None:
+    assert tiny.info.capabilities.handoff
+    assert handoff_step(tiny) is tiny
+    handed: list[str] = []
+    tiny.enqueue(GenerationJob("h", tuple(range(5, 20)), 2, sampler=GREEDY))
+    results = tiny.step_with_handoff(lambda: handed.append("handoff"))
+    assert handed == ["handoff"]  # once, before the LM head
+    assert all(r.job_id == "h" for r in results)
+    tiny.cancel("h")
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(tiny: ReferenceBackend) -> None:

@@ -23,7 +23,7 @@ from tabby.config.schema import ModelConfigSection, SamplingConfig
 from tabby.http.kobold.routes import DEFAULT_MAX_LENGTH
 from tabby.server import ServerInfo, serve
 from tabby.testing.tiny import make_tiny_hf
-from tests.conftest import StartServer
+from tests.conftest import StartServer, current_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -92,7 +92,7 @@ async def _abort(http: httpx.AsyncClient, genkey: str, headers: dict[str, str]) 
 
 
 async def test_stream_check_abort_flow(server: KoboldServer) -> None:
-    scheduler = server.info.services.scheduler
+    scheduler = current_scheduler(server.info)
     before = await scheduler.statistics()
     body = {
         "prompt": "Hello", "max_length": LONG, "use_default_badwordsids": True,
@@ -175,7 +175,7 @@ async def test_owner_aborts_blocking_generate(server: KoboldServer) -> None:
                 assert aborted.json() == {"success": True}
     assert result["finish_reason"] == "abort"
     assert result["text"].startswith(so_far)
-    stats = await server.info.services.scheduler.statistics()
+    stats = await current_scheduler(server.info).statistics()
     assert stats.live == 0
 
 

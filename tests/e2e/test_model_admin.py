@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from tabby.errors import NoModelLoaded
 from tests.admin_rig import admin_config, sse_events
-from tests.conftest import LiveServer, StartServer
+from tests.conftest import LiveServer, StartServer, current_scheduler
 
 PROGRESS_KEYS = {"model_type", "module", "modules", "status"}
 GENERATION_TOKENS = 40  # long enough to still run when the admin call arrives
@@ -216,12 +218,17 @@ async def test_admin_changes_while_a_completion_streams(
         assert outcome(payloads) in ("finished", "error")
         assert await current_model(server, client) == "tiny"
         # An unload cancels running jobs by default.
+        scheduler = current_scheduler(server.info)
         payloads = await run_during_generation(server, client, unload)
         assert outcome(payloads) in ("finished", "error")
         assert await current_model(server, client) is None
-        # Nothing is left running, and new requests get a clear 503.
-        stats = await server.info.services.scheduler.statistics()
-        assert (stats.live, stats.queued) == (0, 0)
+        # Nothing is left running (the model's scheduler ended once its jobs were gone,
+        # and no other is resident), and new requests get a clear 503.
+        with pytest.raises(NoModelLoaded):
+            await scheduler.statistics()
+        models = server.info.services.models
+        assert models is not None
+        assert (await models.statistics()).resident == ()
         r = await client.post(
             "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=server.auth()
         )

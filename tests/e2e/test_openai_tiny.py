@@ -22,6 +22,7 @@ from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import ModelConfigSection, SamplingConfig
 from tabby.server import ServerInfo, serve
 from tabby.testing.tiny import make_tiny_hf
+from tests.conftest import current_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -216,7 +217,7 @@ async def test_completion_stream_with_openai_client(server: ServerInfo) -> None:
 
 async def test_concurrent_streams_are_batched(server: ServerInfo) -> None:
     client = client_for(server)
-    scheduler = server.services.scheduler
+    scheduler = current_scheduler(server)
     before = await scheduler.statistics()
     results: dict[int, str] = {}
     tokens = 16
@@ -253,7 +254,7 @@ async def test_concurrent_streams_are_batched(server: ServerInfo) -> None:
 
 
 async def test_disconnect_cancels_and_frees_cache(server: ServerInfo) -> None:
-    scheduler = server.services.scheduler
+    scheduler = current_scheduler(server)
     before = await scheduler.statistics()
     body = {
         "prompt": "Hello", "max_tokens": 1500, "n": 2, "stream": True,
@@ -300,7 +301,7 @@ async def test_model_field_loads_inline(nursery: trio.Nursery, tmp_path: Path) -
 
 
 async def test_disconnect_cancels_a_non_streaming_request(server: ServerInfo) -> None:
-    scheduler = server.services.scheduler
+    scheduler = current_scheduler(server)
     before = await scheduler.statistics()
     body = {"prompt": "Hello", "max_tokens": 1500, "n": 2, "ban_eos_token": True}
     async with httpx.AsyncClient(base_url=server.urls[0], timeout=30) as http:

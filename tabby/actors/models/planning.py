@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from tabby.actors.model_listing import (
+from tabby.actors.models.listing import (
     ModelEntry,
     list_loras,
     list_models,

@@ -1,4 +1,5 @@
-"""Pieces of the ModelManager's load task: its queued operations and progress plumbing."""
+"""What the ModelManager's load task is given to do, and how it reports back: the queued
+operations, the progress plumbing and the health problems of the ``models`` source."""
 
 from __future__ import annotations
 
@@ -8,15 +9,28 @@ import logging
 import attrs
 import trio
 
-from tabby.actors.messages import LoadEvent, Reply
-from tabby.actors.model_planning import LoadPlan
+from tabby.actors.health import HealthHandle
+from tabby.actors.mailbox import Reply
+from tabby.actors.messages import LoadEvent
+from tabby.actors.models.planning import LoadPlan
 from tabby.backends.base import LoadProgress, ProgressCallback
 from tabby.errors import TabbyError
 from tabby.serving.state import ServingState
 
-__all__ = ["LoadOp", "Operation", "UnloadOp", "as_load_error", "progress_sender", "send_final"]
+__all__ = [
+    "HEALTH_SOURCE",
+    "LoadOp",
+    "Operation",
+    "Problems",
+    "UnloadOp",
+    "as_load_error",
+    "progress_sender",
+    "send_final",
+]
 
 log = logging.getLogger(__name__)
+
+HEALTH_SOURCE = "models"
 
 
 @attrs.frozen
@@ -34,6 +48,21 @@ class UnloadOp:
 
 
 Operation = LoadOp | UnloadOp
+
+
+@attrs.frozen
+class Problems:
+    """The manager's health problems (the ``models`` source), opened and cleared by key."""
+
+    health: HealthHandle | None
+
+    def report(self, key: str, description: str) -> None:
+        if self.health is not None:
+            self.health.report(HEALTH_SOURCE, key, description)
+
+    def clear(self, key: str) -> None:
+        if self.health is not None:
+            self.health.clear(HEALTH_SOURCE, key)
 
 
 def as_load_error(exc: Exception, name: str) -> TabbyError:
