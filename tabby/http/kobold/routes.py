@@ -38,9 +38,9 @@ import trio
 from tabby.actors.auth import presented_keys
 from tabby.config.validation import FieldError
 from tabby.errors import ContextLengthExceeded, InvalidRequest, NoModelLoaded
-from tabby.http.app import request_id
 from tabby.http.auth import Permission, require
 from tabby.http.body import read_json, structure_body
+from tabby.http.context import request_id
 from tabby.http.kobold.genkeys import Caller, GenkeyRegistry, KoboldGeneration
 from tabby.http.kobold.schemas import (
     AbortResponse,

@@ -37,9 +37,9 @@ import quart
 import trio
 
 from tabby.errors import GenerationFailed
-from tabby.http.app import request_id
 from tabby.http.auth import Permission, require
 from tabby.http.body import read_json
+from tabby.http.context import request_id
 from tabby.http.openai.requests import ChatCompletionRequest, CompletionRequest
 from tabby.http.openai.responses import (
     ChatChoice,
