@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import quart
-from flask.sansio.blueprints import BlueprintSetupState
+from quart.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 
 from tabby import errors
