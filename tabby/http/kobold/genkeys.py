@@ -100,9 +100,11 @@ class GenkeyRegistry:
         """Register a generation; Conflict (409) while ``genkey`` names a live one."""
         if genkey in self._live:
             raise Conflict(f"genkey {genkey!r} already names a running generation", param="genkey")
-        generation = KoboldGeneration(genkey, job_id, caller.key_digests, scheduler=scheduler)
-        if output is not None:
-            generation.output = output
+        owner = caller.key_digests
+        generation = KoboldGeneration(
+            genkey, job_id, owner, output if output is not None else ChoiceAccumulator(0),
+            scheduler=scheduler,
+        )
         self._live[genkey] = generation
         self._started += 1
         return generation
