@@ -9,7 +9,7 @@ onto a neutral completion request that trims its prompt to fit, see
   ``data: {"token": "..."}``, a last event with ``finish_reason``, no ``[DONE]``;
 * ``GET|POST /api/extra/generate/check`` → the text so far of a ``genkey``
   (``{"results": []}`` when none is running);
-* ``POST /api/extra/abort`` → cancels that generation through the scheduler and
+* ``POST /api/extra/abort`` → cancels that generation through its model's scheduler and
   answers ``{"success": <whether something was aborted>}``; the generate call then
   answers with the text so far and the stream ends.
 
