@@ -108,7 +108,7 @@ def _download(args: list[str]) -> int:
 
 def _export_openapi(args: list[str]) -> int:
     # Imported here: building the app pulls in quart and every route module.
-    from tabby.http.openapi import export_openapi_command
+    from tabby.http.export import export_openapi_command
 
     return export_openapi_command(args)
 

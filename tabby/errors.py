@@ -1,8 +1,10 @@
 """tabby's one error hierarchy.
 
 Every error a user can see is a :class:`TabbyError`. Each class carries the HTTP
-status, the OpenAI ``error.type`` and a default ``code``; the HTTP layer translates
-them in exactly one place (``tabby.http.errors``). Backend exceptions are translated
+status, an error type (``invalid_request_error``, ``rate_limit_error``, ...: the
+categories API error bodies name) and a default ``code``. The HTTP layer maps them to a
+status in exactly one place (``tabby.http.errors``) and each protocol renders the body in
+its own shape; nothing here knows a wire format. Backend exceptions are translated
 into this tree at the adapter boundary; nothing classifies an error by its text.
 
     TabbyError                          500 server_error
@@ -65,17 +67,6 @@ class TabbyError(Exception):
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-
-    def to_dict(self) -> dict[str, object]:
-        """The OpenAI-style error body."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class InvalidRequest(TabbyError):

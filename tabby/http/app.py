@@ -3,16 +3,18 @@
 ``create_app(services)`` builds the app from the actor handles; nothing global. Every
 request gets an id (``quart.g.request_id``, returned as ``X-Request-Id``), an access log
 line, CORS headers for the configured origins, and errors in the one JSON format of
-``tabby.http.errors``. The access line's duration runs to the start of the response
-(for a stream: until its headers go out).
+``tabby.http.errors`` (OpenAI's shape unless a blueprint registered its own). The
+access line's duration runs to the start of the response (for a stream: until its
+headers go out).
 
-Route families live in ``tabby/http/<family>.py``, each exposing
-``blueprint(services) -> quart.Blueprint``; :data:`ROUTE_MODULES` says which are mounted.
+Route families live in ``tabby/http/<family>.py`` (or a package), each exposing
+``blueprint(services) -> quart.Blueprint`` and, for the OpenAPI document, ``ROUTES``;
+:data:`FAMILIES` imports them and says which are mounted. A new protocol is one more
+entry there.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import time
@@ -20,23 +22,39 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import attrs
 import quart
 from quart_trio import QuartTrio
 
+from tabby.http import core, embeddings
+from tabby.http.admin import downloads as admin_downloads
+from tabby.http.admin import routes as admin_routes
+from tabby.http.context import current_services, install_services, request_id
 from tabby.http.errors import install_error_handlers
 from tabby.http.keepalive import SSEKeepAlive
+from tabby.http.kobold import routes as kobold_routes
+from tabby.http.openai import routes as openai_routes
+from tabby.http.openai.errors import error_body
+from tabby.http.openapi import Route, declare_routes
 from tabby.logs import ACCESS_LOGGER, access_line, redact_body, redact_headers
 
 if TYPE_CHECKING:
     from tabby.config import TabbyConfig
     from tabby.http.services import Services
 
-__all__ = ["ROUTE_MODULES", "create_app", "current_services", "request_id"]
+__all__ = [
+    "FAMILIES",
+    "ROUTE_MODULES",
+    "RouteFamily",
+    "create_app",
+    "current_services",
+    "declared_routes",
+    "request_id",
+]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-_EXTENSION = "tabby.http.services"
 _CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 _CORS_MAX_AGE = "600"
 
@@ -49,26 +67,37 @@ def _openai(config: TabbyConfig) -> bool:
     return "OAI" in config.network.api_servers
 
 
-# (module, mounted when): add a family here; its module exposes `blueprint(services)`.
-ROUTE_MODULES: tuple[tuple[str, Callable[[TabbyConfig], bool]], ...] = (
-    ("tabby.http.core", _always),
-    ("tabby.http.admin.routes", _always),
-    ("tabby.http.openai.routes", _openai),
-    ("tabby.http.kobold.routes", lambda config: "Kobold" in config.network.api_servers),
-    ("tabby.http.embeddings", _always),
-    ("tabby.http.admin.downloads", _always),
+def _kobold(config: TabbyConfig) -> bool:
+    return "Kobold" in config.network.api_servers
+
+
+@attrs.frozen
+class RouteFamily:
+    """One route module: its blueprint factory, its documented routes, when it is mounted."""
+
+    module: str  # the module's name, for logs and tests
+    blueprint: Callable[[Services], quart.Blueprint]
+    routes: tuple[Route, ...] = ()
+    wanted: Callable[[TabbyConfig], bool] = _always
+
+
+FAMILIES: tuple[RouteFamily, ...] = (
+    RouteFamily(core.__name__, core.blueprint),
+    RouteFamily(admin_routes.__name__, admin_routes.blueprint, admin_routes.ROUTES),
+    RouteFamily(openai_routes.__name__, openai_routes.blueprint, openai_routes.ROUTES, _openai),
+    RouteFamily(kobold_routes.__name__, kobold_routes.blueprint, kobold_routes.ROUTES, _kobold),
+    RouteFamily(embeddings.__name__, embeddings.blueprint),
+    RouteFamily(admin_downloads.__name__, admin_downloads.blueprint),
+)
+# (module name, mounted when) of each family.
+ROUTE_MODULES: tuple[tuple[str, Callable[[TabbyConfig], bool]], ...] = tuple(
+    (family.module, family.wanted) for family in FAMILIES
 )
 
 
-def current_services() -> Services:
-    """The services of the app serving the current request."""
-    services: Services = quart.current_app.extensions[_EXTENSION]
-    return services
-
-
-def request_id() -> str:
-    rid: str = quart.g.request_id
-    return rid
+def declared_routes(config: TabbyConfig) -> list[Route]:
+    """The documented routes of the families ``config`` mounts."""
+    return [route for family in FAMILIES if family.wanted(config) for route in family.routes]
 
 
 def create_app(
@@ -77,17 +106,19 @@ def create_app(
     """The app for ``services``; ``extra_blueprints`` are mounted after the families."""
     config = services.config
     app = QuartTrio("tabby")
-    app.extensions[_EXTENSION] = services
+    install_services(app, services)
     # Streams must never be cut by a total-response timeout; disconnects cancel them.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = config.network.max_body_size
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    install_error_handlers(app, send_tracebacks=config.network.send_tracebacks)
+    install_error_handlers(
+        app, send_tracebacks=config.network.send_tracebacks, default=error_body
+    )
     _install_request_hooks(app, config)
-    for module_name, wanted in ROUTE_MODULES:
-        if wanted(config):
-            module = importlib.import_module(module_name)
-            app.register_blueprint(module.blueprint(services))
+    for family in FAMILIES:
+        if family.wanted(config):
+            app.register_blueprint(family.blueprint(services))
+    declare_routes(app, declared_routes(config))
     for extra in extra_blueprints:
         app.register_blueprint(extra)
     app.asgi_app = SSEKeepAlive(  # type: ignore[method-assign]

@@ -18,7 +18,7 @@ import quart
 
 from tabby.actors.auth import presented_keys
 from tabby.errors import AuthenticationError, PermissionDenied
-from tabby.http.app import current_services
+from tabby.http.context import current_services
 from tabby.serving.permission import Permission
 
 __all__ = ["Permission", "require", "requires_admin", "requires_api"]

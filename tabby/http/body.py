@@ -4,11 +4,16 @@ Only ``Content-Type: application/json`` is accepted; anything else is a 400 with
 ``unsupported_content_type`` (every OpenAI client sends JSON, and 400 keeps the error tree
 as it is). Unknown fields are ignored, because OpenAI clients send fields that tabby does
 not know; everything else is checked strictly (``"false"`` is not a boolean).
+
+Generation bodies go through :func:`structure_request`: the active sampler preset is
+applied to the raw body first (only there is "omitted" visible; it also resolves the
+sampler fields' aliases), then the body is validated into the protocol's request class.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import cattrs
@@ -16,8 +21,9 @@ import quart
 
 from tabby.config.validation import ValidationFailed, make_converter, structure
 from tabby.errors import InvalidRequest
+from tabby.serving.presets import SamplerPreset, apply_preset
 
-__all__ = ["parse_body", "read_json", "structure_body"]
+__all__ = ["parse_body", "read_json", "structure_body", "structure_request"]
 
 T = TypeVar("T")
 _MAX_LISTED = 5  # problems named in one message; the rest are counted
@@ -66,3 +72,10 @@ def structure_body(data: Any, cls: type[T]) -> T:
 async def parse_body(cls: type[T], *, allow_empty: bool = False) -> T:
     """Read, check and structure the request body into ``cls``."""
     return structure_body(await read_json(allow_empty=allow_empty), cls)
+
+
+def structure_request(raw: Any, cls: type[T], preset: SamplerPreset | None) -> T:
+    """``raw`` with ``preset`` applied, validated as ``cls`` (400 names the field)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_body")
+    return structure_body(apply_preset(raw, preset), cls)

@@ -152,7 +152,7 @@ def add_routes(bp: quart.Blueprint, services: Services) -> None:
 
     def document() -> dict[str, Any]:
         if "document" not in built:
-            built["document"] = app_document(quart.current_app, services.config)
+            built["document"] = app_document(quart.current_app)
         doc: dict[str, Any] = built["document"]
         return doc
 

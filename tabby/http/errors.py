@@ -1,10 +1,13 @@
 """The one place where errors become HTTP responses.
 
-Every error path answers ``{"error": {"message", "type", "param", "code"}}`` with the
-status that the :class:`~tabby.errors.TabbyError` class carries: errors raised by
-handlers, quart's own HTTP errors (unknown route, wrong method, body too large) and
-unexpected exceptions (500, logged with their traceback). A traceback reaches the client
-only as ``error.trace`` and only with ``network.send_tracebacks``.
+Every error path answers with the status that the :class:`~tabby.errors.TabbyError`
+class carries: errors raised by handlers, quart's own HTTP errors (unknown route, wrong
+method, body too large) and unexpected exceptions (500, logged with their traceback).
+The *body* is the protocol's: each blueprint may register an :data:`ErrorRenderer`
+with :func:`use_error_renderer`, and requests outside such a blueprint (other
+routes, unknown paths) get the app's default renderer. A stream that fails answers
+with one last event in the same shape (``tabby.http.sse``). A traceback reaches the
+client only with ``network.send_tracebacks``, inside the rendered body.
 """
 
 from __future__ import annotations
@@ -12,21 +15,31 @@ from __future__ import annotations
 import logging
 import math
 import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import quart
+from quart.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 
 from tabby import errors
 
 __all__ = [
-    "error_body",
+    "ErrorRenderer",
+    "error_renderer",
     "error_response",
     "install_error_handlers",
+    "internal_error",
     "to_tabby_error",
+    "use_error_renderer",
 ]
 
 log = logging.getLogger(__name__)
+
+# (error, traceback text or None) -> the JSON body a protocol's clients expect.
+ErrorRenderer = Callable[[errors.TabbyError, str | None], Mapping[str, Any]]
+
+_RENDERERS = "tabby.http.error_renderers"
 
 _BY_STATUS: dict[int, type[errors.TabbyError]] = {
     400: errors.InvalidRequest,
@@ -41,6 +54,36 @@ _BY_STATUS: dict[int, type[errors.TabbyError]] = {
     501: errors.NotImplementedFeature,
     503: errors.ServiceUnavailable,
 }
+
+
+class _Renderers:
+    """The app's renderers: the default and one per registered blueprint name."""
+
+    def __init__(self, default: ErrorRenderer) -> None:
+        self.default = default
+        self.by_blueprint: dict[str, ErrorRenderer] = {}
+
+
+def use_error_renderer(bp: quart.Blueprint, render: ErrorRenderer) -> None:
+    """Errors of ``bp``'s routes, and of their streams, are rendered by ``render``."""
+
+    def register(state: BlueprintSetupState) -> None:
+        renderers: _Renderers = state.app.extensions[_RENDERERS]
+        renderers.by_blueprint[state.name] = render
+
+    bp.record_once(register)
+
+
+def error_renderer() -> ErrorRenderer:
+    """The renderer for the current request: its blueprint's (innermost first), else
+    the app's default."""
+    renderers: _Renderers = quart.current_app.extensions[_RENDERERS]
+    if quart.has_request_context():
+        for name in quart.request.blueprints:
+            render = renderers.by_blueprint.get(name)
+            if render is not None:
+                return render
+    return renderers.default
 
 
 def to_tabby_error(exc: HTTPException) -> errors.TabbyError:
@@ -63,22 +106,20 @@ def to_tabby_error(exc: HTTPException) -> errors.TabbyError:
     return err
 
 
+def internal_error() -> errors.TabbyError:
+    """What an unexpected exception shows the client (its details stay in the log)."""
+    return errors.TabbyError("internal server error", code="internal_error")
+
+
 def _method_and_path() -> str:
     if quart.has_request_context():
         return f"{quart.request.method} {quart.request.path}"
     return "this request"
 
 
-def error_body(exc: errors.TabbyError, *, trace: str | None = None) -> dict[str, Any]:
-    body = exc.to_dict()
-    if trace is not None:
-        body["error"]["trace"] = trace  # type: ignore[index]
-    return body
-
-
 def error_response(exc: errors.TabbyError, *, trace: str | None = None) -> quart.Response:
     response = quart.Response(
-        quart.json.dumps(error_body(exc, trace=trace)),
+        quart.json.dumps(error_renderer()(exc, trace)),
         status=exc.status,
         mimetype="application/json",
     )
@@ -95,7 +136,13 @@ def _trace(exc: BaseException, send_tracebacks: bool) -> str | None:
     return "".join(traceback.format_exception(exc))
 
 
-def install_error_handlers(app: quart.Quart, *, send_tracebacks: bool) -> None:
+def install_error_handlers(
+    app: quart.Quart, *, send_tracebacks: bool, default: ErrorRenderer
+) -> None:
+    """Map every error to its status; ``default`` renders the body unless the request's
+    blueprint registered a renderer of its own."""
+    app.extensions[_RENDERERS] = _Renderers(default)
+
     @app.errorhandler(errors.TabbyError)
     async def tabby_error(exc: errors.TabbyError) -> quart.Response:
         if exc.status >= 500:
@@ -113,5 +160,4 @@ def install_error_handlers(app: quart.Quart, *, send_tracebacks: bool) -> None:
     @app.errorhandler(Exception)
     async def unexpected_error(exc: Exception) -> quart.Response:
         log.error("unexpected error", exc_info=exc)
-        err = errors.TabbyError("internal server error", code="internal_error")
-        return error_response(err, trace=_trace(exc, send_tracebacks))
+        return error_response(internal_error(), trace=_trace(exc, send_tracebacks))

@@ -2,7 +2,7 @@
 
 Convention for route modules (``tabby/http/<family>.py``): next to
 ``blueprint(services)``, export ``ROUTES: tuple[Route, ...]``, one :class:`Route` per
-method and path::
+method and path, and list them in ``tabby.http.app.FAMILIES``::
 
     ROUTES = (
         Route("POST", "/v1/token/encode", request=TokenEncodeRequest,
@@ -21,27 +21,23 @@ the description and as ``x-aliases``. Paths use quart's rule syntax
 A rule of the app that no mounted module declares still appears, with its handler's
 docstring, no schemas and permission ``"undeclared"``, so the document always covers
 the whole API.
-:func:`app_document` builds the document for a running app; ``tabby export-openapi``
-(:func:`export_openapi_command`) builds the same app offline and writes it.
+:func:`app_document` builds the document for a running app from the routes its
+factory declared (:func:`declare_routes`); ``tabby export-openapi``
+(``tabby.http.export``) builds the same app offline and writes it.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import re
-import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Literal, cast, get_args, get_origin
 
 import attrs
 import quart
-
-from tabby.config import TabbyConfig
 
 __all__ = [
     "DOC_PATHS",
@@ -52,8 +48,7 @@ __all__ = [
     "app_document",
     "app_routes",
     "build_document",
-    "export_openapi_command",
-    "offline_document",
+    "declare_routes",
     "openapi_path",
 ]
 
@@ -63,6 +58,7 @@ OPENAPI_VERSION = "3.1.0"
 # The documentation routes themselves, left out of the document (as is customary).
 DOC_PATHS = frozenset({"/openapi.json", "/docs"})
 _RULE_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+_DECLARED = "tabby.http.openapi.declared"
 
 
 def _upper(method: str) -> str:
@@ -364,20 +360,17 @@ def build_document(
     }
 
 
-def _declared_routes(config: TabbyConfig) -> list[Route]:
-    from tabby.http.app import ROUTE_MODULES
-
-    routes: list[Route] = []
-    for module_name, wanted in ROUTE_MODULES:
-        if wanted(config):
-            module = importlib.import_module(module_name)
-            routes.extend(getattr(module, "ROUTES", ()))
-    return routes
+def declare_routes(app: quart.Quart, routes: Iterable[Route]) -> None:
+    """Record the documented routes of the families mounted on ``app``."""
+    app.extensions[_DECLARED] = tuple(routes)
 
 
-def app_routes(app: quart.Quart, config: TabbyConfig) -> list[Route]:
-    """The declared routes of the mounted modules, then every undeclared rule of ``app``."""
-    declared = _declared_routes(config)
+def app_routes(app: quart.Quart, declared: Iterable[Route] | None = None) -> list[Route]:
+    """The declared routes (by default those recorded for ``app``), then every
+    undeclared rule of ``app``."""
+    if declared is None:
+        declared = app.extensions.get(_DECLARED, ())
+    declared = list(declared)
     seen = {(r.method, openapi_path(r.path)) for r in declared}
     extra: list[Route] = []
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, r.endpoint)):
@@ -405,48 +398,6 @@ def _version() -> str:
         return "0.0.0"
 
 
-def app_document(app: quart.Quart, config: TabbyConfig) -> dict[str, Any]:
+def app_document(app: quart.Quart) -> dict[str, Any]:
     """The OpenAPI document of a built app."""
-    return build_document(app_routes(app, config), version=_version())
-
-
-def offline_document(config: TabbyConfig) -> dict[str, Any]:
-    """The document of the app ``config`` would serve, without starting any actor.
-
-    Blueprint factories only capture the handles, so placeholders do for building.
-    """
-    from tabby.http.app import create_app
-    from tabby.http.services import Services
-
-    services = Services(config=config, auth=cast(Any, None), health=cast(Any, None))
-    return app_document(create_app(services), config)
-
-
-def export_openapi_command(args: list[str]) -> int:
-    """``tabby export-openapi [--output PATH] [--config PATH] [config flags]``.
-
-    Config flags work as for ``tabby serve`` (``--api-servers OAI Kobold`` selects the
-    API families, as the server would mount them).
-    """
-    parser = argparse.ArgumentParser(
-        prog="tabby export-openapi",
-        description="Print (or write) the OpenAPI document of the server's HTTP API; "
-        "other arguments are config flags, as for tabby serve.",
-    )
-    parser.add_argument("--output", type=Path, help="write to this file instead of stdout")
-    ns, config_args = parser.parse_known_args(args)
-    from tabby.config import ConfigError
-    from tabby.config.loader import load_config
-
-    try:
-        config = load_config(cli_args=config_args)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        return 2
-    text = json.dumps(offline_document(config), indent=2, ensure_ascii=False) + "\n"
-    if ns.output is None:
-        sys.stdout.write(text)
-    else:
-        ns.output.write_text(text, encoding="utf-8")
-    return 0
+    return build_document(app_routes(app), version=_version())

@@ -7,8 +7,8 @@ Each item becomes one event: a mapping is sent as JSON (``data: {...}``), a stri
 is (``data: [DONE]``), an :class:`SSEEvent` with its event name. Keep-alive comments on
 idle streams come from :mod:`tabby.http.keepalive`, around the app.
 
-If the iterator raises, the client gets one final error event in the format of
-``tabby.http.errors`` and the stream ends (no ``[DONE]``). If the client goes away,
+If the iterator raises, the client gets one final error event, rendered in the shape
+of the route's protocol (``tabby.http.errors``), and the stream ends (no ``[DONE]``). If the client goes away,
 the iterator is cancelled (``trio.Cancelled`` at its ``await``) or, when it was
 waiting at a ``yield``, closed; either way its ``finally`` blocks run: that is how
 generation jobs get cancelled.
@@ -35,8 +35,8 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from tabby.errors import TabbyError
-from tabby.http.app import current_services
-from tabby.http.errors import error_body
+from tabby.http.context import current_services
+from tabby.http.errors import ErrorRenderer, error_renderer, internal_error
 
 __all__ = ["SSEEvent", "SSEEvents", "SSEItem", "encode_event", "sse_response"]
 
@@ -73,9 +73,10 @@ def encode_event(item: SSEItem) -> bytes:
 class _SSEBody(ResponseBody):
     """Pulls the event iterator from quart's sending loop, one event per item."""
 
-    def __init__(self, events: SSEEvents, send_tracebacks: bool) -> None:
+    def __init__(self, events: SSEEvents, send_tracebacks: bool, render: ErrorRenderer) -> None:
         self._events = events
         self._send_tracebacks = send_tracebacks
+        self._render = render
         self._stack = AsyncExitStack()
         self._iterator: AsyncIterator[SSEItem] | None = None  # None once it has ended
 
@@ -121,7 +122,7 @@ class _SSEBody(ResponseBody):
             # Every failure becomes one error event, and the stream ends after it.
             self._iterator = None
             error, trace = self._failure(exc)
-            return encode_event(error_body(error, trace=trace))
+            return encode_event(self._render(error, trace))
         return encode_event(item)
 
     def _failure(self, exc: Exception) -> tuple[TabbyError, str | None]:
@@ -129,12 +130,14 @@ class _SSEBody(ResponseBody):
         if isinstance(exc, TabbyError):
             return exc, trace
         log.error("stream failed", exc_info=exc)
-        return TabbyError("internal server error", code="internal_error"), trace
+        return internal_error(), trace
 
 
 def sse_response(events: SSEEvents, *, status: int = 200) -> quart.Response:
     """An SSE response streaming ``events``."""
-    body = _SSEBody(events, current_services().config.network.send_tracebacks)
+    send_tracebacks = current_services().config.network.send_tracebacks
+    # The renderer is the route's, chosen now: the body is sent outside the handler.
+    body = _SSEBody(events, send_tracebacks, error_renderer())
     response = quart.Response(body, status=status, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"

@@ -1,15 +1,15 @@
-"""From a validated OpenAI request to the generation jobs that answer it.
+"""From a neutral request (:mod:`tabby.serving.requests`) to the jobs that answer it.
 
-The pipeline (DESIGN.md, "Streaming chat completion"), up to the scheduler:
+Each protocol has validated its body (with the active sampler preset applied first) and
+mapped it onto a :class:`~tabby.serving.requests.ChatRequest` or
+:class:`~tabby.serving.requests.CompletionRequest`; :mod:`tabby.serving.generate`
+resolved the serving state. Then:
 
-1. :func:`structure_request`: the active sampler preset is applied to the raw body
-   (only there is "omitted" visible), then the body is validated into its request class.
-2. :func:`serving_state_for`: the serving state, after the inline load that the
-   ``model`` field may ask for; 503 when no model is loaded.
-3. :func:`plan_completion` / :func:`plan_chat`: render the chat prompt with the model's
+* :func:`plan_completion` / :func:`plan_chat`: render the chat prompt with the model's
    template (its metadata stop strings join the request's), tokenize (BOS as the request
    or the tokenizer says), check that every prompt leaves room to generate
-   (``ContextLengthExceeded`` before anything is queued or streamed), and build one
+   (``ContextLengthExceeded`` before anything is queued or streamed; a completion that
+   asks for it is trimmed from the front instead), and build one
    :class:`GenerationJob` per choice: choice index = prompt index × n + choice number.
    The request's constraint is checked (400 naming the field) and put on every job
    with its own masker (:mod:`tabby.serving.structured`); chat requests also resolve their
@@ -23,37 +23,26 @@ Running the jobs and merging their streams is :mod:`tabby.serving.running`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
 from tabby.backends.base import ModelInfo
-from tabby.errors import (
-    ContextLengthExceeded,
-    InvalidRequest,
-    NoModelLoaded,
-    Unprocessable,
-)
-from tabby.http.body import structure_body
-from tabby.http.openai.requests import (
-    MAX_CHOICES,
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    OpenAIRequest,
-)
-from tabby.http.services import Services
+from tabby.errors import ContextLengthExceeded, InvalidRequest, Unprocessable
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
 from tabby.jobs.constraints import request_field, validate
 from tabby.serving.chat_options import ChatOptions, chat_options, with_prompt
-from tabby.serving.permission import Permission
 from tabby.serving.ports import JobSubmitter
-from tabby.serving.presets import apply_preset
-from tabby.serving.sampling import SamplerParams
+from tabby.serving.requests import (
+    MAX_CHOICES,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+)
 from tabby.serving.state import ServingState
-from tabby.serving.structured import constrain_job, reasoning_end_for
-from tabby.serving.structured import constraint_for as _constraint_for
+from tabby.serving.structured import constrain_job, constraint_for, reasoning_end_for
 from tabby.serving.templating import build_variables, strip_leading_bos
 from tabby.serving.templating.environment import TemplateMetadata
 from tabby.serving.tools import check_tool_messages, template_messages
@@ -61,18 +50,14 @@ from tabby.serving.tools import check_tool_messages, template_messages
 __all__ = [
     "GenerationPlan",
     "PreparedPrompt",
-    "constraint_for",
+    "fit_prompt",
     "plan_chat",
     "plan_completion",
     "render_chat",
     "render_chat_prompt",
-    "serving_state_for",
-    "structure_request",
 ]
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R", bound=OpenAIRequest)
 
 
 @attrs.frozen
@@ -101,46 +86,6 @@ class GenerationPlan:
         return choice // self.n
 
 
-# -- request and state ------------------------------------------------------------------
-
-
-def structure_request(raw: Any, cls: type[R], state: ServingState) -> R:
-    """``raw`` with the active preset applied, validated as ``cls`` (400 names the field)."""
-    if not isinstance(raw, Mapping):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_body")
-    return structure_body(apply_preset(raw, state.preset), cls)
-
-
-async def serving_state_for(
-    services: Services, request: OpenAIRequest, permission: Permission
-) -> ServingState:
-    """The state to generate with, after an inline load the ``model`` field asks for."""
-    models = services.models
-    if models is None:
-        raise NoModelLoaded("no model is loaded")
-    state: ServingState = models.serving_state()
-    # Clients always send some model name; it matters only with inline loading on.
-    inline = services.config.model.inline_model_loading
-    if inline and request.model and request.model != state.model_name:
-        state = await models.ensure_model(request.model, permission)
-    if not state.loaded or state.tokenizer is None or state.model is None:
-        raise NoModelLoaded("no model is loaded")
-    return state
-
-
-# -- structured output and tools ---------------------------------------------------------
-
-
-def constraint_for(
-    request: SamplerParams, state: ServingState | None = None
-) -> ConstraintSpec | None:
-    """The request's structured-output constraint, checked (400 names the field).
-
-    ``{}`` is no constraint; see :mod:`tabby.serving.structured`.
-    """
-    return _constraint_for(request, state)
-
-
 # -- prompts and jobs -------------------------------------------------------------------
 
 
@@ -150,12 +95,13 @@ def _encode(tokenizer: Tokenizer, info: ModelInfo, text: str, add_bos: bool) -> 
 
 
 def _build_jobs(
-    request: OpenAIRequest,
+    request: GenerationRequest,
     state: ServingState,
     request_id: str,
     prompts: Sequence[PreparedPrompt],
     *,
     param: str,
+    max_seq_len: int,
     extra_stops: Sequence[str] = (),
     constraint: ConstraintSpec | None = None,
     reasoning_end: str | None = None,
@@ -169,10 +115,10 @@ def _build_jobs(
     jobs: list[GenerationJob] = []
     for p_idx, prompt in enumerate(prompts):
         try:
-            base = request.build_job(
+            base = request.sampling.build_job(
                 job_id=request_id,
                 prompt_ids=prompt.ids,
-                max_seq_len=state.max_seq_len,
+                max_seq_len=max_seq_len,
                 extra_stop_strings=extra_stops,
             )
         except ContextLengthExceeded as exc:
@@ -188,7 +134,7 @@ def _build_jobs(
 
 
 def _plan(
-    request: OpenAIRequest,
+    request: GenerationRequest,
     state: ServingState,
     request_id: str,
     prompts: tuple[PreparedPrompt, ...],
@@ -209,16 +155,71 @@ def _plan(
     )
 
 
+def fit_prompt(
+    ids: tuple[int, ...], context: int, max_new: int, bos_id: int | None
+) -> tuple[int, ...]:
+    """``ids`` trimmed from the front so that ``max_new`` tokens fit after them.
+
+    A job needs ``len(prompt) + max_new + 1 <= context``; ``max_new`` 0 (fill the
+    rest) needs room for one token. A leading ``bos_id`` is kept.
+    """
+    room = context - 1 - max(max_new, 1)
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"max_length ({max_new}) leaves no room for the prompt within the context of "
+            f"{context} tokens",
+            param="max_length",
+        )
+    if len(ids) <= room:
+        return ids
+    if bos_id is not None and ids[0] == bos_id:
+        return (ids[0], *ids[len(ids) - (room - 1) :]) if room > 1 else (ids[0],)
+    return ids[len(ids) - room :]
+
+
+def _trimmed(
+    request: CompletionRequest, state: ServingState, request_id: str, add_bos: bool
+) -> tuple[PreparedPrompt, int]:
+    """The one prompt, trimmed from the front to fit, and the context it must fit."""
+    info, tokenizer = state.model, state.tokenizer
+    assert info is not None
+    assert tokenizer is not None
+    if len(request.prompts) != 1:
+        raise InvalidRequest("only a single prompt can be trimmed to fit", param="prompt")
+    prompt = _encode(tokenizer, info, request.prompts[0], add_bos)
+    context = state.max_seq_len
+    if request.context_limit is not None:
+        context = min(context, request.context_limit)
+    max_new = request.sampling.max_tokens or 0
+    fitted = fit_prompt(prompt.ids, context, max_new, info.bos_token_id)
+    if len(fitted) == len(prompt.ids):
+        return prompt, context
+    log.info(
+        "request %s: prompt trimmed from %d to %d tokens to fit a context of %d",
+        request_id, len(prompt.ids), len(fitted), context,
+    )  # fmt: skip
+    return PreparedPrompt(tokenizer.decode(fitted, decode_special=False), fitted), context
+
+
 def plan_completion(
     request: CompletionRequest, state: ServingState, request_id: str
 ) -> GenerationPlan:
     info, tokenizer = state.model, state.tokenizer
     assert info is not None
     assert tokenizer is not None
-    add_bos = info.add_bos_token if request.add_bos_token is None else request.add_bos_token
-    prompts = tuple(_encode(tokenizer, info, text, add_bos) for text in request.prompts)
+    requested_bos = request.sampling.add_bos_token
+    add_bos = info.add_bos_token if requested_bos is None else requested_bos
+    if request.trim_prompt:
+        prompt, context = _trimmed(request, state, request_id, add_bos)
+        prompts: tuple[PreparedPrompt, ...] = (prompt,)
+    else:
+        prompts = tuple(_encode(tokenizer, info, text, add_bos) for text in request.prompts)
+        context = state.max_seq_len
     spec = constraint_for(request, state)
-    jobs = _build_jobs(request, state, request_id, prompts, param="prompt", constraint=spec)
+    jobs = _build_jobs(
+        request, state, request_id, prompts, param="prompt", max_seq_len=context,
+        constraint=spec,
+    )  # fmt: skip
     return _plan(request, state, request_id, prompts, jobs)
 
 
@@ -253,14 +254,14 @@ def _final_text(message: ChatMessage) -> str:
     return content or ""
 
 
-def render_chat(request: ChatCompletionRequest, state: ServingState) -> tuple[str, tuple[str, ...]]:
+def render_chat(request: ChatRequest, state: ServingState) -> tuple[str, tuple[str, ...]]:
     """The rendered prompt and the template's stop strings (``tool_start`` included)."""
     text, meta = render_chat_prompt(request, state)
     return text, meta.stop_strings + ((meta.tool_start,) if meta.tool_start else ())
 
 
 def render_chat_prompt(
-    request: ChatCompletionRequest, state: ServingState
+    request: ChatRequest, state: ServingState
 ) -> tuple[str, TemplateMetadata]:
     """The rendered prompt and the template's metadata."""
     info, template = state.model, state.template
@@ -285,7 +286,6 @@ def render_chat_prompt(
     check_tool_messages(request.messages)
     vision = info.capabilities.vision
     messages = [_message_dict(m, i, vision) for i, m in enumerate(request.messages)]
-    template_vars = {**request.reasoning_variables(), **request.template_vars}
     variables = build_variables(
         messages,
         bos_token=info.bos_token,
@@ -295,7 +295,7 @@ def render_chat_prompt(
         add_generation_prompt=request.add_generation_prompt,
         tools=request.tools,
         functions=request.functions,
-        template_vars=template_vars,
+        template_vars=dict(request.template_vars),
     )
     rendered = template.render_with_metadata(variables)
     text = rendered.text
@@ -314,7 +314,7 @@ def render_chat_prompt(
 
 
 def _chat_constraint(
-    request: ChatCompletionRequest, state: ServingState, options: ChatOptions
+    request: ChatRequest, state: ServingState, options: ChatOptions
 ) -> tuple[ConstraintSpec | None, str | None]:
     """The chat jobs' constraint and where it arms (after the reasoning, if any)."""
     spec = constraint_for(request, state)
@@ -335,9 +335,7 @@ def _chat_constraint(
     return spec, reasoning_end_for(spec, tags.start, tags.end)
 
 
-def plan_chat(
-    request: ChatCompletionRequest, state: ServingState, request_id: str
-) -> GenerationPlan:
+def plan_chat(request: ChatRequest, state: ServingState, request_id: str) -> GenerationPlan:
     """The chat jobs; constraint maskers are compiled here, so call it from a worker
     thread when the request may be constrained (see :mod:`tabby.serving.structured`)."""
     info, tokenizer = state.model, state.tokenizer
@@ -368,7 +366,7 @@ def plan_chat(
     # Chat requests never choose BOS: the model's tokenizer settings do.
     prompts = (_encode(tokenizer, info, text, info.add_bos_token),)
     jobs = _build_jobs(
-        request, state, request_id, prompts, param="messages", extra_stops=stops,
-        constraint=spec, reasoning_end=reasoning_end,
+        request, state, request_id, prompts, param="messages", max_seq_len=state.max_seq_len,
+        extra_stops=stops, constraint=spec, reasoning_end=reasoning_end,
     )  # fmt: skip
     return _plan(request, state, request_id, prompts, jobs, options)

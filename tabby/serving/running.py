@@ -2,13 +2,14 @@
 
 :func:`submit_all` hands every job of a :class:`~tabby.serving.planning.GenerationPlan` to
 the scheduler and returns once all were admitted, so a refused job (queue full, prompt
-too long for the backend) is an HTTP error before any stream starts. The returned
-:class:`RunningGeneration` is an async context manager: entering it starts one small
+too long for the backend) is an error before any stream starts. The returned
+:class:`RunningGeneration` is entered as an async context manager (or with
+:meth:`RunningGeneration.open` / :meth:`RunningGeneration.aclose`): that starts one small
 forwarding task per job (in its own nursery) that moves the job's events into one
-merged stream of :class:`ChoiceEvent` (a single job's events are passed on
-directly); leaving it, or :meth:`RunningGeneration.close`,
-closes every job channel, which the scheduler takes as "cancel this job" (its cache
-pages are freed). That is how a client disconnect cancels all ``n`` jobs.
+merged stream of :class:`ChoiceEvent` (a single job's own channel is read directly);
+leaving it, or :meth:`RunningGeneration.close`, closes every job channel, which the
+scheduler takes as "cancel this job" (its cache pages are freed). That is how a client
+disconnect cancels all ``n`` jobs.
 
 :class:`ChoiceAccumulator` collects one choice's output for non-streaming answers
 and the usage figures for both.
@@ -29,7 +30,7 @@ from tabby.jobs import JobStats, TokenLogprob
 from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
 from tabby.serving.planning import GenerationPlan
 
-__all__ = ["ChoiceAccumulator", "ChoiceEvent", "RunningGeneration", "submit_all"]
+__all__ = ["ChoiceAccumulator", "ChoiceEvent", "JobSource", "RunningGeneration", "submit_all"]
 
 # Events waiting between the forwarders and the response writer; the scheduler already
 # buffers per job, so a small merge buffer only smooths the hand-over.
@@ -40,6 +41,11 @@ MERGE_BUFFER = 16
 class ChoiceEvent:
     index: int
     event: JobEvent
+
+
+# What an opened generation is read from: a single job's own channel (its events are
+# choice 0's) or the merged events of several jobs.
+JobSource = trio.MemoryReceiveChannel[JobEvent] | trio.MemoryReceiveChannel[ChoiceEvent]
 
 
 class RunningGeneration:
@@ -58,14 +64,13 @@ class RunningGeneration:
         for channel in self._channels:
             channel.close()
 
-    async def __aenter__(self) -> AsyncIterator[ChoiceEvent]:
+    async def open(self) -> JobSource:
+        """Start reading: the one job's channel, or the merged channel of several (then
+        the forwarding tasks run until :meth:`aclose`, which must come from this task)."""
         self._stack.callback(self.close)
         if len(self._channels) == 1:
             # Nothing to merge: skip the forwarding task (one hop less per token).
-            single = _single(self._channels[0])
-            # Closed on exit, not left suspended for the garbage collector to finalize.
-            self._stack.push_async_callback(single.aclose)
-            return single
+            return self._channels[0]
         merged_send, merged_receive = trio.open_memory_channel[ChoiceEvent](MERGE_BUFFER)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._stack.callback(nursery.cancel_scope.cancel)
@@ -74,14 +79,27 @@ class RunningGeneration:
                 nursery.start_soon(_forward, index, channel, merged_send.clone())
         return merged_receive
 
+    async def aclose(self) -> None:
+        """Cancel every job still running and stop the forwarding tasks."""
+        self.close()
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> AsyncIterator[ChoiceEvent]:
+        source = await self.open()
+        if len(self._channels) > 1:
+            return source  # type: ignore[return-value]  # the merged ChoiceEvents
+        single = _single(self._channels[0])
+        # Closed on exit, not left suspended for the garbage collector to finalize.
+        self._stack.push_async_callback(single.aclose)
+        return single
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc_value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
-        await self._stack.aclose()
+        await self.aclose()
 
 
 async def _single(

@@ -41,6 +41,7 @@ __all__ = [
     "parse_sequence_breakers",
     "parse_stop",
     "parse_token_list",
+    "sampler_params",
 ]
 
 _MAX_TOP_LOGPROBS = 20
@@ -508,3 +509,13 @@ class SamplerParams:
         )  # fmt: skip
         defaults = {a.name: a.default for a in attrs.fields(SamplerParams)}
         return tuple(n for n in names if getattr(self, n) != defaults[n])
+
+
+def sampler_params(request: SamplerParams) -> SamplerParams:
+    """The sampler fields of a request class (a subclass) as a plain :class:`SamplerParams`."""
+    if type(request) is SamplerParams:
+        return request
+    return SamplerParams(**{name: getattr(request, name) for name in _FIELD_NAMES})
+
+
+_FIELD_NAMES = tuple(a.name for a in attrs.fields(SamplerParams))

@@ -2,13 +2,13 @@
 
 Every generation endpoint (OpenAI chat and completions, Kobold) goes through here::
 
-    spec = constraint_for(request)                 # None, or a checked ConstraintSpec
+    spec = constraint_for(request, state)          # None, or a checked ConstraintSpec
     job = constrain_job(job, spec, state)          # job.constraint (+ job.masker)
 
-:func:`constraint_for` reads ``json_schema``, ``regex_pattern``, ``grammar_string`` and,
-when the request has one, ``response_format``; an empty schema ``{}`` is no
-constraint, and anything invalid is a 400 naming the field (a constraint is never
-dropped silently). :func:`constrain_job` sets ``job.constraint`` (the exllama backends
+:func:`constraint_for` reads the sampler fields ``json_schema``, ``regex_pattern``,
+``grammar_string`` and the request's :class:`~tabby.serving.requests.OutputFormat`
+(named ``response_format`` in errors); an empty schema ``{}`` is no constraint, and
+anything invalid is a 400 naming the field (a constraint is never dropped silently). :func:`constrain_job` sets ``job.constraint`` (the exllama backends
 compile it themselves) and, where the serving state has a :class:`ConstraintCompiler`
 (the reference engine), a fresh per-job masker; other jobs of a batch are untouched.
 
@@ -27,7 +27,7 @@ import attrs
 from tabby.backends.base import ModelInfo
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
 from tabby.jobs.constraints import ConstraintCompiler, constraint_from_request, validate
-from tabby.serving.sampling import SamplerParams
+from tabby.serving.requests import GenerationRequest, OutputFormat
 from tabby.serving.state import ServingState
 
 __all__ = ["compiler_for", "constrain_job", "constraint_for", "reasoning_end_for"]
@@ -46,14 +46,11 @@ def compiler_for(tokenizer: Tokenizer | None, info: ModelInfo | None) -> Constra
     return ConstraintCompiler(tokenizer, eos_ids=info.eos_token_ids, vocab_size=info.vocab_size)  # type: ignore[arg-type]
 
 
-def _response_format(request: SamplerParams) -> Mapping[str, Any] | None:
-    fmt = getattr(request, "response_format", None)
+def _response_format(fmt: OutputFormat | None) -> Mapping[str, Any] | None:
     if fmt is None:
         return None
-    if isinstance(fmt, Mapping):
-        return fmt
     out: dict[str, Any] = {"type": fmt.type}
-    wrapper = fmt.json_schema
+    wrapper = fmt.schema
     if wrapper is not None:
         # Lenient like upstream: a bare schema without the {"name", "schema"} wrapper.
         out["json_schema"] = wrapper if "schema" in wrapper else {"schema": wrapper}
@@ -61,15 +58,16 @@ def _response_format(request: SamplerParams) -> Mapping[str, Any] | None:
 
 
 def constraint_for(
-    request: SamplerParams, state: ServingState | None = None
+    request: GenerationRequest, state: ServingState | None = None
 ) -> ConstraintSpec | None:
     """The request's one constraint, validated (against the model's vocabulary when the
     state has a compiler); ``ConstraintError`` (400) names the field."""
+    sampling = request.sampling
     spec = constraint_from_request(
-        request.json_schema,
-        request.regex_pattern,
-        request.grammar_string,
-        _response_format(request),
+        sampling.json_schema,
+        sampling.regex_pattern,
+        sampling.grammar_string,
+        _response_format(request.output_format),
     )
     if spec is not None:
         validate(spec, state.constraints if state is not None else None)

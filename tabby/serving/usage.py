@@ -1,34 +1,51 @@
-"""OpenAI wire shapes computed from generation results: usage, logprobs, metrics.
+"""What a request cost: token counts and timings, and the request and metrics log lines.
 
-Usage follows reference §7.5 plus OpenAI's ``prompt_tokens_details.cached_tokens``: for
-``n > 1`` the prompt counts once per prompt, completion tokens are summed, times are the
-longest of the choices, and ``total_time`` is the request's own wall time.
+The figures follow reference §7.5 (plus the cached prompt tokens): for ``n > 1`` the
+prompt counts once per prompt, completion tokens are summed (second, tool-call passes
+included), times are the longest of the choices, and ``total_time`` is the request's
+own wall time. Each protocol renders :class:`UsageStats` in its own shape.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import attrs
 
 from tabby.config.schema import LoggingConfig
-from tabby.http.openai.responses import (
-    ChatLogprobs,
-    ChatTokenLogprob,
-    CompletionLogprobs,
-    PromptTokensDetails,
-    TopLogprob,
-    Usage,
-)
-from tabby.jobs import Tokenizer, TokenLogprob
 from tabby.serving.planning import GenerationPlan
 from tabby.serving.running import ChoiceAccumulator
-from tabby.serving.sampling import SamplerParams
 
-__all__ = ["chat_logprobs", "completion_logprobs", "log_metrics", "log_request", "make_usage"]
+__all__ = ["INDETERMINATE", "UsageStats", "log_metrics", "log_request", "make_usage"]
 
 log = logging.getLogger("tabby.metrics")
 
+# A rate whose time is 0 (nothing was measured).
 INDETERMINATE = "Indeterminate"
+
+
+@attrs.frozen
+class UsageStats:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the cache
+    queue_time: float  # seconds waiting for a batch slot (longest choice)
+    prompt_time: float
+    prompt_tokens_per_sec: float | str  # or INDETERMINATE
+    completion_time: float
+    completion_tokens_per_sec: float | str
+    total_time: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def with_extra_tokens(self, extra: int) -> UsageStats:
+        """These figures with ``extra`` generated tokens (second passes) added."""
+        if not extra:
+            return self
+        return attrs.evolve(self, completion_tokens=self.completion_tokens + extra)
 
 
 def _rate(tokens: int, seconds: float) -> float | str:
@@ -37,7 +54,7 @@ def _rate(tokens: int, seconds: float) -> float | str:
 
 def make_usage(
     plan: GenerationPlan, choices: Sequence[ChoiceAccumulator], total_time: float
-) -> Usage:
+) -> UsageStats:
     prompt_tokens = sum(len(p.ids) for p in plan.prompts)
     completion = sum(c.generated_tokens for c in choices)
     stats = [c.stats for c in choices if c.stats is not None]
@@ -49,11 +66,10 @@ def make_usage(
     completion_time = max((s.decode_time for s in stats), default=0.0)
     queue_time = max((s.queue_time for s in stats), default=0.0)
     new_prompt_tokens = max(prompt_tokens - cached, 0)
-    return Usage(
+    return UsageStats(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
-        total_tokens=prompt_tokens + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        cached_tokens=cached,
         queue_time=round(queue_time, 3),
         prompt_time=round(prompt_time, 3),
         prompt_tokens_per_sec=_rate(new_prompt_tokens, prompt_time),
@@ -66,9 +82,9 @@ def make_usage(
 
 
 def log_request(
-    logging_config: LoggingConfig, plan: GenerationPlan, request: SamplerParams
+    logging_config: LoggingConfig, plan: GenerationPlan, ignored_fields: Sequence[str]
 ) -> None:
-    """The ``log_prompt`` / ``log_generation_params`` lines, and samplers with no effect."""
+    """The ``log_prompt`` / ``log_generation_params`` lines, and fields with no effect."""
     request_log = logging.getLogger("tabby.requests")
     if logging_config.log_prompt:
         for i, prompt in enumerate(plan.prompts):
@@ -80,14 +96,13 @@ def log_request(
             plan.request_id, job.max_new_tokens, job.min_new_tokens, job.seed,
             job.stop_strings + tuple(str(i) for i in job.stop_token_ids), job.sampler,
         )  # fmt: skip
-    ignored = request.ineffective_fields()
-    if ignored:
+    if ignored_fields:
         request_log.warning(
-            "request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored)
+            "request %s: ignoring %s (no effect here)", plan.request_id, ", ".join(ignored_fields)
         )
 
 
-def log_metrics(plan: GenerationPlan, usage: Usage, *, endpoint: str) -> None:
+def log_metrics(plan: GenerationPlan, usage: UsageStats, *, endpoint: str) -> None:
     """The one metrics line per request."""
     log.info(
         "%s %s: %d prompt tokens (%d cached, %s T/s prefill), %d generated in %.2f s "
@@ -95,7 +110,7 @@ def log_metrics(plan: GenerationPlan, usage: Usage, *, endpoint: str) -> None:
         endpoint,
         plan.request_id,
         usage.prompt_tokens,
-        usage.prompt_tokens_details.cached_tokens,
+        usage.cached_tokens,
         usage.prompt_tokens_per_sec,
         usage.completion_tokens,
         usage.completion_time,
@@ -104,52 +119,4 @@ def log_metrics(plan: GenerationPlan, usage: Usage, *, endpoint: str) -> None:
         usage.total_time,
         len(plan.jobs),
         max((len(p.ids) for p in plan.prompts), default=0) + usage.completion_tokens,
-    )
-
-
-def _bytes_of(tokenizer: Tokenizer) -> Callable[[int, str], list[int]]:
-    """Token id → its exact bytes, where the tokenizer can tell (pieces escape bad UTF-8)."""
-    exact = getattr(tokenizer, "token_bytes", None)
-
-    def lookup(token_id: int, piece: str) -> list[int]:
-        if exact is not None:
-            return list(exact(token_id))
-        return list(piece.encode("utf-8", errors="replace"))
-
-    return lookup
-
-
-def chat_logprobs(logprobs: Sequence[TokenLogprob], tokenizer: Tokenizer) -> ChatLogprobs:
-    """The chat shape: ``{content: [{token, logprob, bytes, top_logprobs}]}``."""
-    to_bytes = _bytes_of(tokenizer)
-    return ChatLogprobs(
-        content=[
-            ChatTokenLogprob(
-                token=lp.token,
-                logprob=lp.logprob,
-                bytes=to_bytes(lp.token_id, lp.token),
-                top_logprobs=[
-                    TopLogprob(token=piece, logprob=value, bytes=to_bytes(token_id, piece))
-                    for token_id, piece, value in lp.top
-                ],
-            )
-            for lp in logprobs
-        ]
-    )
-
-
-def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-    """The legacy completions shape; ``offset`` is where the first token's text starts."""
-    tokens: list[str] = []
-    values: list[float] = []
-    tops: list[dict[str, float] | None] = []
-    offsets: list[int] = []
-    for lp in logprobs:
-        tokens.append(lp.token)
-        values.append(lp.logprob)
-        tops.append({piece: value for _id, piece, value in lp.top} if lp.top else None)
-        offsets.append(offset)
-        offset += len(lp.token)
-    return CompletionLogprobs(
-        tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,12 @@ from conftest import StartServer, make_config
 
 from tabby.config import LoggingConfig
 from tabby.config.validation import check
-from tabby.errors import ServiceUnavailable, TooManyRequests, Unprocessable
-from tabby.http.app import request_id
+from tabby.errors import ServiceUnavailable, TabbyError, TooManyRequests, Unprocessable
 from tabby.http.auth import requires_admin, requires_api
 from tabby.http.body import parse_body
+from tabby.http.context import request_id
+from tabby.http.errors import use_error_renderer
+from tabby.http.sse import SSEItem, sse_response
 
 
 @attrs.frozen
@@ -243,3 +246,74 @@ async def test_access_log_redacts_secrets(
         assert secret not in text
     assert "[redacted]" in text
     assert json.dumps("a") in text  # the body is logged, minus its secrets
+
+
+def other_shape(exc: TabbyError, trace: str | None) -> dict[str, Any]:
+    """Another protocol's error body: {"type": "error", "error": {"type", "message"}}."""
+    return {"type": "error", "error": {"type": exc.error_type, "message": exc.message}}
+
+
+def other_protocol_blueprint() -> quart.Blueprint:
+    bp = quart.Blueprint("other_protocol", __name__)
+    use_error_renderer(bp, other_shape)
+
+    @bp.post("/other/v1/items")
+    async def items() -> dict[str, Any]:
+        item = await parse_body(Item)
+        return {"item": attrs.asdict(item)}
+
+    @bp.get("/other/v1/busy")
+    async def busy() -> dict[str, Any]:
+        raise TooManyRequests("the queue is full", retry_after=2.5)
+
+    @bp.get("/other/v1/boom")
+    async def boom() -> dict[str, Any]:
+        raise RuntimeError("secret internals")
+
+    @bp.get("/other/v1/stream")
+    async def stream() -> quart.Response:
+        async def events() -> AsyncIterator[SSEItem]:
+            yield {"index": 0}
+            raise Unprocessable("cannot go on", code="nope")
+
+        return sse_response(events())
+
+    return bp
+
+
+async def test_a_blueprint_renders_errors_in_its_own_shape(live_server: StartServer) -> None:
+    server = await live_server(extra_blueprints=[other_protocol_blueprint()])
+    async with server.client() as client:
+        invalid = await client.post("/other/v1/items", json={"name": 3})
+        assert invalid.status_code == 400
+        assert invalid.json() == {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "invalid request: name: expected a string, got 3",
+            },
+        }
+        busy = await client.get("/other/v1/busy")
+        assert busy.status_code == 429
+        assert busy.headers["Retry-After"] == "3"
+        assert busy.json() == {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": "the queue is full"},
+        }
+        boom = await client.get("/other/v1/boom")
+        assert boom.status_code == 500
+        assert boom.json() == {
+            "type": "error",
+            "error": {"type": "server_error", "message": "internal server error"},
+        }
+        async with client.stream("GET", "/other/v1/stream") as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert [json.loads(line[len("data: ") :]) for line in lines] == [
+            {"index": 0},
+            {"type": "error", "error": {"type": "invalid_request_error", "message": "cannot go on"}},
+        ]
+        # The OpenAI routes (and every other route) keep the OpenAI shape.
+        openai = await client.post("/v1/completions", json={"prompt": 3}, headers=server.auth())
+        error = assert_error(openai, 400, "invalid_request_error", None)
+        assert error["param"] == "prompt"
+        assert_error(await client.get("/nowhere"), 404, "not_found_error", "not_found")

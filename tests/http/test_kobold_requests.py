@@ -9,10 +9,10 @@ import pytest
 from tabby.errors import Conflict, ContextLengthExceeded, InvalidRequest, PermissionDenied
 from tabby.http.body import structure_body
 from tabby.http.kobold.genkeys import Caller, GenkeyRegistry
-from tabby.http.kobold.routes import fit_prompt
 from tabby.http.kobold.schemas import GenerateRequest
 from tabby.jobs.events import TextChunk
 from tabby.serving.permission import Permission
+from tabby.serving.planning import fit_prompt
 from tabby.serving.presets import apply_preset
 
 
@@ -95,7 +95,9 @@ def test_registry_ownership_conflict_and_abort() -> None:
         registry.lookup("g", other)
     with pytest.raises(PermissionDenied):
         registry.abort("g", other)
-    assert registry.abort("g", admin) == "job-1"
+    aborted = registry.abort("g", admin)
+    assert aborted is generation
+    assert aborted.job_id == "job-1"
     assert registry.abort("g", owner) is None  # already aborted
     assert registry.abort("missing", owner) is None
     registry.finish(generation)

@@ -11,15 +11,21 @@ import pytest
 
 from tabby.backends.scripted import BOS_ID, ScriptedBackend
 from tabby.errors import ContextLengthExceeded, InvalidRequest, Unprocessable
-from tabby.http.openai.requests import ChatCompletionRequest, CompletionRequest
+from tabby.http.body import structure_request
+from tabby.http.openai.format import TextChunkEncoder, chat_logprobs, completion_logprobs
+from tabby.http.openai.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_request,
+    completion_request,
+)
 from tabby.http.openai.responses import ChatChunk, ChatChunkChoice, ChatDelta, dump
-from tabby.http.openai.routes import TextChunkEncoder
 from tabby.jobs import ConstraintSpec, TokenLogprob
-from tabby.serving.planning import plan_chat, plan_completion, render_chat, structure_request
+from tabby.serving import requests as neutral
+from tabby.serving.planning import plan_chat, plan_completion, render_chat
 from tabby.serving.presets import preset_from_dict
 from tabby.serving.state import ServingState
 from tabby.serving.templating import load_named_template
-from tabby.serving.usage import chat_logprobs, completion_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -37,24 +43,30 @@ def state(**changes: Any) -> ServingState:
     return attrs.evolve(base, **changes)
 
 
-def chat(body: dict[str, Any], st: ServingState | None = None) -> ChatCompletionRequest:
-    return structure_request(body, ChatCompletionRequest, st or state())
+def chat_body(body: dict[str, Any], st: ServingState | None = None) -> ChatCompletionRequest:
+    return structure_request(body, ChatCompletionRequest, (st or state()).preset)
 
 
-def completion(body: dict[str, Any], st: ServingState | None = None) -> CompletionRequest:
-    return structure_request(body, CompletionRequest, st or state())
+def chat(body: dict[str, Any], st: ServingState | None = None) -> neutral.ChatRequest:
+    return chat_request(chat_body(body, st))
+
+
+def completion(body: dict[str, Any], st: ServingState | None = None) -> neutral.CompletionRequest:
+    raw = structure_request(body, CompletionRequest, (st or state()).preset)
+    return completion_request(raw)
 
 
 def test_aliases_and_preset_apply_before_validation() -> None:
     preset = preset_from_dict("p", {"temperature": {"override": 0.5}, "n": {"override": 2}})
-    request = chat(
+    request = chat_body(
         {"messages": HELLO, "max_completion_tokens": 7, "chat_template_kwargs": {"x": 1}},
         state(preset=preset),
     )
     assert (request.max_tokens, request.temperature, request.n) == (7, 0.5, 2)
     assert request.template_vars == {"x": 1}
     # The client's own value wins over a non-forced override.
-    assert chat({"messages": HELLO, "temperature": 0.1}, state(preset=preset)).temperature == 0.1
+    body = {"messages": HELLO, "temperature": 0.1}
+    assert chat_body(body, state(preset=preset)).temperature == 0.1
 
 
 def test_completion_batch_jobs_and_seeds() -> None:

@@ -12,10 +12,11 @@ import pytest
 from tabby.backends.scripted import ScriptedBackend
 from tabby.config import ModelSettings
 from tabby.errors import InvalidRequest
-from tabby.http.openai.requests import ChatCompletionRequest
+from tabby.http.body import structure_request
+from tabby.http.openai.requests import ChatCompletionRequest, chat_request
 from tabby.jobs.events import Finished
 from tabby.serving.chat_options import ChatOptions, ReasoningTags, open_reasoning
-from tabby.serving.planning import plan_chat, structure_request
+from tabby.serving.planning import plan_chat
 from tabby.serving.state import ServingState
 from tabby.serving.templating import load_named_template
 from tabby.serving.tool_flow import ChoiceOutput, ToolPass, tool_pass_job
@@ -39,8 +40,8 @@ def state(template: str = "tool_calls/chatml_with_tools", **settings: Any) -> Se
 
 
 def plan(body: dict[str, Any], st: ServingState) -> Any:
-    request = structure_request({"messages": ASK, **body}, ChatCompletionRequest, st)
-    return plan_chat(request, st, "r")
+    request = structure_request({"messages": ASK, **body}, ChatCompletionRequest, st.preset)
+    return plan_chat(chat_request(request), st, "r")
 
 
 def stop(reason: str = "stop", stop_str: str | None = None) -> Finished:

@@ -34,10 +34,11 @@ from tabby.http.admin.schemas import (
 )
 from tabby.http.auth import Permission, require
 from tabby.http.body import parse_body
-from tabby.http.openai.requests import ChatCompletionRequest
+from tabby.http.openai.requests import chat_messages
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.serving.planning import render_chat
+from tabby.serving.requests import ChatRequest
 from tabby.serving.state import ServingState
 from tabby.serving.templating import strip_leading_bos
 
@@ -95,8 +96,10 @@ def encode_tokens(body: TokenEncodeRequest, state: ServingState) -> list[int]:
     if isinstance(body.text, str):
         text = body.text
     else:
-        chat = ChatCompletionRequest(
-            messages=body.text, add_generation_prompt=False, template_vars=body.template_vars
+        chat = ChatRequest(
+            messages=chat_messages(body.text),
+            add_generation_prompt=False,
+            template_vars=body.template_vars,
         )
         text, _stops = render_chat(chat, state)
         text = strip_leading_bos(text, info.bos_token, body.add_bos_token)

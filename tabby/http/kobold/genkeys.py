@@ -22,6 +22,7 @@ import attrs
 
 from tabby.errors import Conflict, PermissionDenied
 from tabby.serving.permission import Permission
+from tabby.serving.ports import JobSubmitter
 from tabby.serving.running import ChoiceAccumulator
 
 __all__ = ["Caller", "GenkeyRegistry", "GenkeyStats", "KoboldGeneration", "key_digest"]
@@ -56,12 +57,15 @@ class Caller:
 
 @attrs.define(eq=False)
 class KoboldGeneration:
-    """One live generation: its job, its owner and its output so far."""
+    """One live generation: its job, its owner and its output so far (the serving
+    core's accumulator of the choice, so it is current without copying)."""
 
     genkey: str
     job_id: str
     owner: frozenset[bytes]
     output: ChoiceAccumulator = attrs.Factory(lambda: ChoiceAccumulator(0))
+    # The scheduler running the job: the one an abort cancels it through.
+    scheduler: JobSubmitter | None = attrs.field(default=None, repr=False)
     aborted: bool = False
 
     @property
@@ -84,11 +88,23 @@ class GenkeyRegistry:
         self._started = 0
         self._aborted = 0
 
-    def start(self, genkey: str, job_id: str, caller: Caller) -> KoboldGeneration:
+    def start(
+        self,
+        genkey: str,
+        job_id: str,
+        caller: Caller,
+        *,
+        output: ChoiceAccumulator | None = None,
+        scheduler: JobSubmitter | None = None,
+    ) -> KoboldGeneration:
         """Register a generation; Conflict (409) while ``genkey`` names a live one."""
         if genkey in self._live:
             raise Conflict(f"genkey {genkey!r} already names a running generation", param="genkey")
-        generation = KoboldGeneration(genkey, job_id, caller.key_digests)
+        owner = caller.key_digests
+        generation = KoboldGeneration(
+            genkey, job_id, owner, output if output is not None else ChoiceAccumulator(0),
+            scheduler=scheduler,
+        )
         self._live[genkey] = generation
         self._started += 1
         return generation
@@ -109,8 +125,9 @@ class GenkeyRegistry:
             )
         return generation
 
-    def abort(self, genkey: str, caller: Caller) -> str | None:
-        """Mark the generation aborted; its job id to cancel, None if nothing was aborted.
+    def abort(self, genkey: str, caller: Caller) -> KoboldGeneration | None:
+        """Mark the generation aborted; the generation whose job to cancel, None if
+        nothing was aborted.
 
         Unknown keys and generations already aborted abort nothing.
         """
@@ -119,7 +136,7 @@ class GenkeyRegistry:
             return None
         generation.aborted = True
         self._aborted += 1
-        return generation.job_id
+        return generation
 
     def statistics(self) -> GenkeyStats:
         return GenkeyStats(live=len(self._live), started=self._started, aborted=self._aborted)

@@ -1,13 +1,15 @@
 """The KoboldAI API, served when ``[network] api_servers`` includes ``"Kobold"``.
 
-Generation (auth: api), on the same scheduler and models as the OpenAI API:
+Generation (auth: api), on the same serving core as the OpenAI API (the body is mapped
+onto a neutral completion request that trims its prompt to fit, see
+``tabby.http.kobold.schemas``):
 
 * ``POST /api/v1/generate`` → ``{"results": [{"text", "finish_reason"}]}``;
 * ``POST /api/extra/generate/stream`` → SSE ``event: message`` /
   ``data: {"token": "..."}``, a last event with ``finish_reason``, no ``[DONE]``;
 * ``GET|POST /api/extra/generate/check`` → the text so far of a ``genkey``
   (``{"results": []}`` when none is running);
-* ``POST /api/extra/abort`` → cancels that generation through the scheduler and
+* ``POST /api/extra/abort`` → cancels that generation through its model's scheduler and
   answers ``{"success": <whether something was aborted>}``; the generate call then
   answers with the text so far and the stream ends.
 
@@ -26,21 +28,19 @@ do, which clients use to pick features), the soft-prompt stubs (no auth), and ev
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import quart
-import trio
 
 from tabby.actors.auth import presented_keys
 from tabby.config.validation import FieldError
-from tabby.errors import ContextLengthExceeded, InvalidRequest, NoModelLoaded
-from tabby.http.app import request_id
+from tabby.errors import InvalidRequest
 from tabby.http.auth import Permission, require
-from tabby.http.body import read_json, structure_body
+from tabby.http.body import read_json, structure_body, structure_request
+from tabby.http.context import request_id
 from tabby.http.kobold.genkeys import Caller, GenkeyRegistry, KoboldGeneration
 from tabby.http.kobold.schemas import (
     AbortResponse,
@@ -60,19 +60,21 @@ from tabby.http.kobold.schemas import (
     TokenCountRequest,
     TokenCountResponse,
     ValueResponse,
+    completion_request,
 )
 from tabby.http.openai.responses import dump
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEEvent, SSEItem, sse_response
-from tabby.jobs.events import Finished, TextChunk
-from tabby.serving.planning import GenerationPlan, PreparedPrompt, constraint_for
+from tabby.serving.generate import (
+    ChoiceFinished,
+    ChoiceText,
+    Generation,
+    GenerationEvent,
+    GenerationService,
+)
 from tabby.serving.presets import apply_preset
-from tabby.serving.running import ChoiceEvent, RunningGeneration, submit_all
 from tabby.serving.state import ServingState
-from tabby.serving.structured import constrain_job
-from tabby.serving.templating import strip_leading_bos
-from tabby.serving.usage import log_metrics, log_request, make_usage
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -82,8 +84,6 @@ __all__ = [
     "KoboldService",
     "blueprint",
     "default_max_length",
-    "fit_prompt",
-    "plan_generation",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ KOBOLDCPP_VERSION = "1.74"
 
 _V1_PREFIXES = ("/api/v1", "/api/latest")
 
-Events = AsyncIterator[ChoiceEvent]
+Events = AsyncIterator[GenerationEvent]
 
 
 def _json(value: object) -> dict[str, Any]:
@@ -154,78 +154,6 @@ ROUTES: tuple[Route, ...] = (
 )  # fmt: skip
 
 
-def fit_prompt(
-    ids: tuple[int, ...], context: int, max_new: int, bos_id: int | None
-) -> tuple[int, ...]:
-    """``ids`` trimmed from the front so that ``max_new`` tokens fit after them.
-
-    A job needs ``len(prompt) + max_new + 1 <= context``; ``max_new`` 0 (fill the
-    rest) needs room for one token. A leading ``bos_id`` is kept.
-    """
-    room = context - 1 - max(max_new, 1)
-    if room < 1:
-        raise ContextLengthExceeded(
-            f"max_length ({max_new}) leaves no room for the prompt within the context of "
-            f"{context} tokens",
-            param="max_length",
-        )
-    if len(ids) <= room:
-        return ids
-    if bos_id is not None and ids[0] == bos_id:
-        return (ids[0], *ids[len(ids) - (room - 1) :]) if room > 1 else (ids[0],)
-    return ids[len(ids) - room :]
-
-
-def plan_generation(request: GenerateRequest, state: ServingState, rid: str) -> GenerationPlan:
-    """One job for a resolved Kobold request (see ``GenerateRequest.resolved``)."""
-    info, tokenizer = state.model, state.tokenizer
-    assert info is not None
-    assert tokenizer is not None
-    add_bos = info.add_bos_token if request.add_bos_token is None else request.add_bos_token
-    text = strip_leading_bos(request.prompt, info.bos_token, add_bos)
-    ids = tuple(tokenizer.encode(text, add_bos=add_bos))
-    context = state.max_seq_len
-    if request.max_context_length is not None:
-        context = min(context, request.max_context_length)
-    fitted = fit_prompt(ids, context, request.max_tokens or 0, info.bos_token_id)
-    if len(fitted) < len(ids):
-        log.info(
-            "request %s: prompt trimmed from %d to %d tokens to fit a context of %d",
-            rid, len(ids), len(fitted), context,
-        )  # fmt: skip
-        text = tokenizer.decode(fitted, decode_special=False)
-    try:
-        job = constrain_job(
-            request.build_job(job_id=rid, prompt_ids=fitted, max_seq_len=context),
-            constraint_for(request, state),
-            state,
-        )
-    except ContextLengthExceeded as exc:
-        raise ContextLengthExceeded(exc.message, param="prompt") from None
-    return GenerationPlan(
-        request_id=rid,
-        model_name=state.model_name or info.name,
-        epoch=state.epoch,
-        tokenizer=tokenizer,
-        prompts=(PreparedPrompt(text, fitted),),
-        jobs=(job,),
-        n=1,
-        scheduler=state.scheduler,
-    )
-
-
-def _serving_state(services: Services) -> ServingState:
-    models = services.models
-    return models.serving_state() if models is not None else ServingState()
-
-
-def _loaded_state(services: Services) -> ServingState:
-    state = _serving_state(services)
-    if not state.loaded or state.tokenizer is None or state.model is None:
-        raise NoModelLoaded("no model is loaded")
-    return state
-
-
 def default_max_length(state: ServingState) -> int:
     """The generation length of a request without ``max_length``."""
     preset = apply_preset({}, state.preset).get("max_tokens")
@@ -234,18 +162,16 @@ def default_max_length(state: ServingState) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def _finish_reason(finished: Finished | None) -> KoboldFinishReason:
-    if finished is not None and finished.stop_reason == "cancelled":
+def _finish_reason(finished: ChoiceFinished | None) -> KoboldFinishReason:
+    if finished is not None and finished.cancelled:
         return "abort"
     return "length" if finished is not None and finished.finish_reason == "length" else "stop"
 
 
 @attrs.frozen
 class _Started:
-    plan: GenerationPlan
-    generation: KoboldGeneration
-    running: RunningGeneration
-    started: float
+    generation: Generation
+    registered: KoboldGeneration
 
 
 class KoboldService:
@@ -253,6 +179,7 @@ class KoboldService:
 
     def __init__(self, services: Services) -> None:
         self._services = services
+        self._serving = GenerationService(services.models, services.config)
         self.genkeys = GenkeyRegistry()
 
     async def caller(self) -> Caller:
@@ -270,12 +197,8 @@ class KoboldService:
     async def start(self) -> _Started:
         caller = await self.caller()
         raw = await read_json()
-        if not isinstance(raw, dict):
-            raise InvalidRequest("the body must be a JSON object", code="invalid_body")
-        request = structure_body(
-            apply_preset(raw, _serving_state(self._services).preset), GenerateRequest
-        )
-        state = _loaded_state(self._services)
+        request = structure_request(raw, GenerateRequest, self._serving.current_state().preset)
+        state = self._serving.loaded_state()
         rid = request_id()
         try:
             resolved = request.resolved(default_max_length=default_max_length(state))
@@ -283,61 +206,56 @@ class KoboldService:
             raise InvalidRequest(
                 f"invalid request: {exc.field}: {exc.message}", param=exc.field
             ) from None
-        # Tokenizing (and trimming) the prompt and compiling a constraint is CPU work.
-        plan = await trio.to_thread.run_sync(plan_generation, resolved, state, rid)
-        log_request(self._services.config.logging, plan, resolved)
-        generation = self.genkeys.start(request.genkey or rid, plan.jobs[0].job_id, caller)
+        generation = await self._serving.prepare(
+            completion_request(resolved), caller.permission, rid, label="kobold", state=state
+        )
+        plan = generation.plan
+        registered = self.genkeys.start(
+            request.genkey or rid,
+            plan.jobs[0].job_id,
+            caller,
+            output=generation.choices[0],
+            scheduler=plan.scheduler,
+        )
         try:
-            running = await submit_all(plan)
-            if generation.aborted:
+            await generation.submit()
+            if registered.aborted:
                 # Aborted while it waited for admission, when Cancel would have missed it.
-                assert plan.scheduler is not None  # submit_all refuses a plan without one
-                await plan.scheduler.cancel(generation.job_id)
+                assert plan.scheduler is not None  # submit refuses a plan without one
+                await plan.scheduler.cancel(registered.job_id)
         except BaseException:
-            self.genkeys.finish(generation)
+            self.genkeys.finish(registered)
             raise
-        return _Started(plan, generation, running, time.perf_counter())
-
-    def _done(self, started: _Started) -> None:
-        """The generation is over (finished, failed or abandoned): forget it, log it."""
-        self.genkeys.finish(started.generation)
-        output = started.generation.output
-        usage = make_usage(started.plan, [output], time.perf_counter() - started.started)
-        log_metrics(started.plan, usage, endpoint="kobold")
+        return _Started(generation, registered)
 
     async def generate(self) -> dict[str, Any]:
         started = await self.start()
-        output = started.generation.output
         try:
-            async with started.running as events:
-                async for item in events:
-                    output.add(item.event)  # a Failed event raises its error
+            result = await started.generation.collect()
         finally:
-            self._done(started)
-        result = GenerateResult(output.text, _finish_reason(output.finished))
-        return _json(GenerateResponse((result,)))
+            self.genkeys.finish(started.registered)
+        choice = result.choices[0]
+        answer = GenerateResult(choice.text, _finish_reason(choice.finished))
+        return _json(GenerateResponse((answer,)))
 
     async def stream(self) -> quart.Response:
         started = await self.start()
 
         async def tokens(events: Events) -> AsyncIterator[SSEItem]:
-            output = started.generation.output
-            async for item in events:
-                event = item.event
-                output.add(event)  # a Failed event raises: one SSE error event ends the stream
-                if isinstance(event, TextChunk) and event.text:
-                    yield SSEEvent(_json(StreamToken(event.text)), event="message")
-                elif isinstance(event, Finished):
+            async for event in events:  # a failure raises: one SSE error event ends the stream
+                if isinstance(event, ChoiceText) and event.content:
+                    yield SSEEvent(_json(StreamToken(event.content)), event="message")
+                elif isinstance(event, ChoiceFinished):
                     last = StreamToken("", _finish_reason(event))
                     yield SSEEvent(_json(last), event="message")
 
         @asynccontextmanager
         async def body() -> AsyncIterator[AsyncIterator[SSEItem]]:
             try:
-                async with started.running as events:
+                async with started.generation.stream() as events:
                     yield tokens(events)
             finally:
-                self._done(started)
+                self.genkeys.finish(started.registered)
 
         return sse_response(body())
 
@@ -352,32 +270,31 @@ class KoboldService:
 
     async def abort(self) -> dict[str, Any]:
         caller = await self.caller()
-        job_id = self.genkeys.abort(await _genkey(), caller)
-        scheduler = _serving_state(self._services).scheduler
-        if job_id is not None and scheduler is not None:
-            await scheduler.cancel(job_id)
-        return _json(AbortResponse(job_id is not None))
+        generation = self.genkeys.abort(await _genkey(), caller)
+        if generation is not None and generation.scheduler is not None:
+            await generation.scheduler.cancel(generation.job_id)
+        return _json(AbortResponse(generation is not None))
 
     # -- model facts ----------------------------------------------------------------------
 
     async def model(self) -> dict[str, Any]:
         await require(Permission.API)
-        state = _loaded_state(self._services)
+        state = self._serving.loaded_state()
         name = state.model_name or (state.model.name if state.model else "")
         return _json(ResultResponse(f"tabby/{name}"))
 
     async def max_context_length(self) -> dict[str, Any]:
         await require(Permission.API)
-        return _json(ValueResponse(_loaded_state(self._services).max_seq_len))
+        return _json(ValueResponse(self._serving.loaded_state().max_seq_len))
 
     async def max_length(self) -> dict[str, Any]:
         await require(Permission.API)
-        return _json(ValueResponse(default_max_length(_loaded_state(self._services))))
+        return _json(ValueResponse(default_max_length(self._serving.loaded_state())))
 
     async def token_count(self) -> dict[str, Any]:
         await require(Permission.API)
         request = structure_body(await read_json(), TokenCountRequest)
-        tokenizer = _loaded_state(self._services).tokenizer
+        tokenizer = self._serving.loaded_state().tokenizer
         assert tokenizer is not None
         ids = tokenizer.encode(request.prompt, add_bos=False)
         return _json(TokenCountResponse(len(ids), tuple(ids)))

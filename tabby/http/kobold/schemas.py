@@ -14,6 +14,8 @@ Kobold conventions into the common ones:
 
 ``sampler_order``, ``rep_pen_slope``, ``quiet`` and ``trim_stop`` are accepted and have
 no effect: the sampler order is fixed, stop strings are always trimmed.
+:func:`completion_request` maps a resolved request onto the neutral completion request:
+one prompt, trimmed from the front to fit ``max_context_length`` (capped to the model's).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any, Literal
 import attrs
 
 from tabby.config.validation import FieldError, check
-from tabby.serving.sampling import SamplerParams
+from tabby.serving.requests import CompletionRequest
+from tabby.serving.sampling import SamplerParams, sampler_params
 
 __all__ = [
     "GENKEY_MAX_LENGTH",
@@ -44,6 +47,7 @@ __all__ = [
     "TokenCountRequest",
     "TokenCountResponse",
     "ValueResponse",
+    "completion_request",
 ]
 
 # Long enough for any client's key scheme, short enough to keep the registry small.
@@ -156,6 +160,17 @@ class GenerateRequest(SamplerParams):
         names = super().ineffective_fields()
         kobold = ("sampler_order", "rep_pen_slope")
         return names + tuple(n for n in kobold if getattr(self, n) is not None)
+
+
+def completion_request(resolved: GenerateRequest) -> CompletionRequest:
+    """A request after :meth:`GenerateRequest.resolved`, as the serving core takes it."""
+    return CompletionRequest(
+        prompts=(resolved.prompt,),
+        trim_prompt=True,
+        context_limit=resolved.max_context_length,
+        sampling=sampler_params(resolved),
+        ignored_fields=resolved.ineffective_fields(),
+    )
 
 
 @attrs.frozen(kw_only=True)

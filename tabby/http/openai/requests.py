@@ -3,9 +3,10 @@
 Both compose :class:`tabby.serving.sampling.SamplerParams` (every sampler field, alias and
 check) with the fields OpenAI clients send. Fields that OpenAI defines but tabby does
 not act on (``best_of``, ``echo``, ``suffix``, ``user``, ``prompt_template``) are
-accepted and ignored, so clients do not break. Checks that need
-the loaded model (context length, vision support, the chat template) happen later, in
-``tabby.serving.planning``.
+accepted and ignored, so clients do not break. :func:`completion_request` and
+:func:`chat_request` map a validated body onto the neutral requests of
+:mod:`tabby.serving.requests`; checks that need the loaded model (context length,
+vision support, the chat template) happen later, in ``tabby.serving.planning``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any, Literal
 import attrs
 
 from tabby.config.validation import FieldError, check
-from tabby.serving.sampling import SamplerParams
+from tabby.serving import requests as neutral
+from tabby.serving.requests import MAX_CHOICES
+from tabby.serving.sampling import SamplerParams, sampler_params
 
 __all__ = [
     "MAX_CHOICES",
@@ -28,12 +31,13 @@ __all__ = [
     "ReasoningOptions",
     "ResponseFormat",
     "StreamOptions",
+    "chat_messages",
+    "chat_request",
+    "completion_request",
 ]
 
 # Choices per prompt: each is a job in the batch, so a request cannot flood the queue.
 MAX_N = 16
-# Jobs one request may create in all (prompts × n).
-MAX_CHOICES = 64
 
 
 def _doc(text: str, *aliases: str) -> dict[str, Any]:
@@ -213,3 +217,68 @@ class ChatCompletionRequest(OpenAIRequest):
             if value is not None:
                 out[key] = value
         return out
+
+
+# -- onto the neutral requests ------------------------------------------------------------
+
+
+def _output_format(fmt: ResponseFormat | None) -> neutral.OutputFormat | None:
+    if fmt is None:
+        return None
+    return neutral.OutputFormat(fmt.type, fmt.json_schema)
+
+
+def _content(
+    content: str | tuple[ContentPart, ...] | None,
+) -> str | tuple[neutral.ContentPart, ...] | None:
+    if not isinstance(content, tuple):
+        return content
+    return tuple(
+        neutral.ContentPart(type=part.type, text=part.text, image_url=part.image_url)
+        for part in content
+    )
+
+
+def chat_messages(messages: tuple[ChatMessage, ...]) -> tuple[neutral.ChatMessage, ...]:
+    return tuple(
+        neutral.ChatMessage(
+            role=m.role,
+            content=_content(m.content),
+            name=m.name,
+            reasoning_content=m.reasoning_content,
+            tool_calls=m.tool_calls,
+            tool_call_id=m.tool_call_id,
+        )
+        for m in messages
+    )
+
+
+def completion_request(body: CompletionRequest) -> neutral.CompletionRequest:
+    return neutral.CompletionRequest(
+        prompts=body.prompts,
+        sampling=sampler_params(body),
+        output_format=_output_format(body.response_format),
+        n=body.n,
+        model=body.model,
+        ignored_fields=body.ineffective_fields(),
+    )
+
+
+def chat_request(body: ChatCompletionRequest) -> neutral.ChatRequest:
+    return neutral.ChatRequest(
+        messages=chat_messages(body.messages),
+        add_generation_prompt=body.add_generation_prompt,
+        # The reasoning fields are template variables; the client's own win.
+        template_vars={**body.reasoning_variables(), **body.template_vars},
+        response_prefix=body.response_prefix,
+        continue_final_message=body.continue_final_message,
+        tools=body.tools,
+        functions=body.functions,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        sampling=sampler_params(body),
+        output_format=_output_format(body.response_format),
+        n=body.n,
+        model=body.model,
+        ignored_fields=body.ineffective_fields(),
+    )
