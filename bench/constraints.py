@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 
 from tabby.backends.base import LoadSpec
+from tabby.backends.constraints import ANY_JSON_OBJECT, ConstraintCompiler
 from tabby.backends.reference import ReferenceBackend, load
 from tabby.engine.embedded import default_model_path
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
-from tabby.jobs.constraints import ANY_JSON_OBJECT, ConstraintCompiler
 from tabby.serving.structured import compiler_for
 
 SCHEMA = {

@@ -319,7 +319,7 @@ def interleaved(model_dir: Path, parts: set[str], batches: list[int], length: in
 async def json_object(backend: Any) -> None:
     """A json_object answer must not fill its budget with whitespace (issue: it did)."""
     from tabby.actors.scheduler import GenerationScheduler
-    from tabby.jobs.constraints import ANY_JSON_OBJECT
+    from tabby.backends.constraints import ANY_JSON_OBJECT
 
     async with trio.open_nursery() as nursery:
         scheduler = await nursery.start(GenerationScheduler().run)

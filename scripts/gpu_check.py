@@ -291,7 +291,7 @@ async def run_checks(name: str, model_name: str, sched: CurrentScheduler,
         masker = None
         info = models.serving_state().model
         if name == "reference" and info is not None:  # the dry run: the engine takes a masker
-            from tabby.jobs.constraints import ConstraintCompiler
+            from tabby.backends.constraints import ConstraintCompiler
 
             compiler = ConstraintCompiler(tokenizer(), eos_ids=info.eos_token_ids,
                                           vocab_size=info.vocab_size)

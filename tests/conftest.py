@@ -34,13 +34,13 @@ import trio
 
 from tabby.actors.keyfile import read_key_file
 from tabby.actors.scheduler import SchedulerHandle
+from tabby.backends.constraints import ConstraintCompiler
 from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import EmbeddingsConfig, ModelConfigSection, SamplingConfig
 from tabby.engine.embedded import default_model_path
 from tabby.engine.gguf import read_gguf
 from tabby.engine.gguf_vocab import gguf_tokenizer
 from tabby.engine.tokenizer import EngineTokenizer
-from tabby.jobs.constraints import ConstraintCompiler
 from tabby.server import ServerInfo, serve
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ exllamav3 adapter, the library is imported only by :func:`load`, and every decis
 pure function tested without a GPU: ``sampler_settings_fields``, ``build_token_bias``,
 ``job_kwargs``, ``decide_paging``, ``cache_class_name``. Constraints go through a small
 ``ExLlamaV2Filter`` subclass whose logic lives in :class:`GuidanceState`, a view of a
-masker from the model's :class:`~tabby.jobs.constraints.ConstraintCompiler` (made at load,
+masker from the model's :class:`~tabby.backends.constraints.ConstraintCompiler` (made at load,
 owned by the backend; testable with llguidance alone); the subclass is made when the
 library is loaded.
 One module, as the library's job, sampler, filter and loader form one adapter.
@@ -30,6 +30,7 @@ from tabby.backends.base import (
     ModelInfo,
     ProgressCallback,
 )
+from tabby.backends.constraints import ConstraintCompiler, request_field
 from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
     JobLimits,
@@ -48,7 +49,6 @@ from tabby.backends.exllama_common import (
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import Conflict, NotSupported
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
-from tabby.jobs.constraints import ConstraintCompiler, request_field
 
 __all__ = [
     "SUPPORTED_SAMPLERS",
@@ -215,7 +215,7 @@ def cache_class_name(mode: str) -> str:
 class GuidanceState:
     """One job's constraint: the begin/feed/next protocol of ``ExLlamaV2Filter``.
 
-    A thin view of a :class:`~tabby.jobs.constraints.LLGuidanceMasker` from the model's
+    A thin view of a :class:`~tabby.backends.constraints.LLGuidanceMasker` from the model's
     compiler; an invalid spec raises ``ConstraintError`` (400) here, before the job.
     """
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import attrs
 
 from tabby.backends.base import Capabilities, LoadProgress, LoadSpec, ModelInfo, ProgressCallback
+from tabby.backends.constraints import llguidance_grammar
 from tabby.backends.exllama_backend import LibraryBackend, free_vram, unload_all
 from tabby.backends.exllama_common import (
     CacheBits,
@@ -38,7 +39,6 @@ from tabby.backends.exllama_common import (
 from tabby.backends.exllama_tokenizer import LibraryTokenizer, read_tokenizer_facts
 from tabby.errors import ConstraintError, NotSupported
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
-from tabby.jobs.constraints import llguidance_grammar
 
 __all__ = [
     "DEFAULT_DRAFT_TOKENS",

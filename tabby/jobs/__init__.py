@@ -1,5 +1,5 @@
-"""The job vocabulary (:mod:`tabby.jobs.vocabulary`) and the one constraint compiler
-every backend uses (:mod:`tabby.jobs.constraints`)."""
+"""The job vocabulary (:mod:`tabby.jobs.vocabulary`) and a job's events
+(:mod:`tabby.jobs.events`)."""
 
 from tabby.jobs.vocabulary import (
     ConstraintSpec,

@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import attrs
 
+from tabby.backends.constraints import ConstraintCompiler
 from tabby.config import ModelSettings
 from tabby.jobs import ConstraintSpec
-from tabby.jobs.constraints import ConstraintCompiler
 from tabby.serving.reasoning import DEFAULT_END, DEFAULT_START
 from tabby.serving.tools import ToolFormat, ToolPolicy, tool_format, tool_policy
 

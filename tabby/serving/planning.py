@@ -29,9 +29,9 @@ from typing import Any
 import attrs
 
 from tabby.backends.base import ModelInfo
+from tabby.backends.constraints import request_field, validate
 from tabby.errors import ContextLengthExceeded, InvalidRequest, Unprocessable
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
-from tabby.jobs.constraints import request_field, validate
 from tabby.serving.chat_options import ChatOptions, chat_options, with_prompt
 from tabby.serving.ports import JobSubmitter
 from tabby.serving.requests import (

@@ -13,7 +13,7 @@ from tabby.jobs import Tokenizer
 from tabby.serving.templating import PromptTemplate
 
 if TYPE_CHECKING:
-    from tabby.jobs.constraints import ConstraintCompiler
+    from tabby.backends.constraints import ConstraintCompiler
     from tabby.serving.ports import JobSubmitter
 
 __all__ = ["ServingState"]

@@ -25,8 +25,8 @@ from typing import Any
 import attrs
 
 from tabby.backends.base import ModelInfo
+from tabby.backends.constraints import ConstraintCompiler, constraint_from_request, validate
 from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
-from tabby.jobs.constraints import ConstraintCompiler, constraint_from_request, validate
 from tabby.serving.requests import GenerationRequest, OutputFormat
 from tabby.serving.state import ServingState
 

@@ -12,10 +12,10 @@ import torch
 
 from tabby.backends import exllamav2 as v2
 from tabby.backends.base import LoadSpec
+from tabby.backends.constraints import ConstraintCompiler
 from tabby.backends.exllama_common import JobLimits, unsupported_samplers
 from tabby.errors import BackendUnavailable, ConstraintError, InvalidRequest, NotSupported
 from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings
-from tabby.jobs.constraints import ConstraintCompiler
 from tabby.testing.tiny import tiny_tokenizer
 
 # Every field of ExLlamaV2Sampler.Settings (exllamav2 0.3.2) that a job may set.

@@ -134,7 +134,7 @@ def test_requeue_budget_reserves_the_answer_not_a_chunk() -> None:
      ("gbnf", 'root ::= "a"')],
 )
 def test_filter_kwargs_take_tabbys_grammar(kind: Any, source: str) -> None:
-    from tabby.jobs.constraints import llguidance_grammar
+    from tabby.backends.constraints import llguidance_grammar
 
     spec = ConstraintSpec(kind, source)
     kw = v3.filter_kwargs(spec)

@@ -9,6 +9,7 @@ import attrs
 import pytest
 import torch
 
+from tabby.backends.constraints import ConstraintCompiler
 from tabby.engine.cache import PagedKVCache
 from tabby.engine.config import ModelConfig
 from tabby.engine.generator import Generator, GeneratorLimits
@@ -16,7 +17,6 @@ from tabby.engine.model import ModelWeights, build_weights
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import ContextLengthExceeded
 from tabby.jobs import ConstraintSpec, GenerationJob, JobResult, SamplerSettings
-from tabby.jobs.constraints import ConstraintCompiler
 from tabby.testing.tiny import EOS_ID, TinySpec, _hf_config, tiny_tokenizer, tiny_weights
 
 CPU = torch.device("cpu")

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tabby.backends.scripted import ScriptedBackend
-from tabby.config import ModelConfigSection, TabbyConfig
+from tabby.config import ModelConfigSection, ModelSettings, TabbyConfig
 from tabby.errors import GenerationFailed, NoModelLoaded
 from tabby.jobs import GenerationJob, JobStats
 from tabby.jobs.events import Failed, Finished, JobEvent, TextChunk
@@ -87,7 +87,7 @@ def service(scripts: dict[str, list[JobEvent]], **config: Any) -> tuple[Generati
         tokenizer=backend.tokenizer,
         model_name="m",
         template=load_named_template(REPO / "templates", "chatml"),
-        settings=config.pop("settings", {}),
+        settings=ModelSettings(**config.pop("settings", {})),
         scheduler=scheduler,
     )
     return GenerationService(FakeModels(state), TabbyConfig(**config)), scheduler

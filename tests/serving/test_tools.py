@@ -11,9 +11,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from tabby.backends.constraints import ConstraintCompiler, validate
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest
-from tabby.jobs.constraints import ConstraintCompiler, validate
 from tabby.serving.tools import (
     ParsedCall,
     ToolStreamParser,

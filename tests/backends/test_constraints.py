@@ -14,16 +14,16 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from tabby.engine.tokenizer import EngineTokenizer
-from tabby.errors import ConstraintError
-from tabby.jobs import ConstraintSpec, TokenMasker
-from tabby.jobs.constraints import (
+from tabby.backends.constraints import (
     ANY_JSON_OBJECT,
     ConstraintCompiler,
     LLGuidanceMasker,
     constraint_from_request,
     validate,
 )
+from tabby.engine.tokenizer import EngineTokenizer
+from tabby.errors import ConstraintError
+from tabby.jobs import ConstraintSpec, TokenMasker
 
 SEEDS = range(12)
 MAX_STEPS = 400
