@@ -36,6 +36,7 @@ from tabby.http.kobold import routes as kobold_routes
 from tabby.http.openai import routes as openai_routes
 from tabby.http.openai.errors import error_body
 from tabby.http.openapi import Route, declare_routes
+from tabby.http.unread_body import CloseUnreadBodies
 from tabby.logs import ACCESS_LOGGER, access_line, redact_body, redact_headers
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def create_app(
     for extra in extra_blueprints:
         app.register_blueprint(extra)
     app.asgi_app = SSEKeepAlive(  # type: ignore[method-assign]
-        app.asgi_app, config.network.sse_ping_interval
+        CloseUnreadBodies(app.asgi_app), config.network.sse_ping_interval
     )
     return app
 
