@@ -142,11 +142,40 @@ def _strict_primitive(tp: type) -> Callable[[Any, type], Any]:
                 return int(value)
         else:
             ok = isinstance(value, tp)
+            if ok and tp is str:
+                _check_text(value)
         if not ok:
             raise _StrictTypeError(f"expected {describe_type(tp)}, got {_show(value)}")
         return value
 
     return hook
+
+
+def _check_text(value: str) -> None:
+    """JSON may spell a lone surrogate ("\\ud800"), which is not text: refuse it here,
+    where the field is known, rather than in the tokenizer."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _StrictTypeError(
+            "contains a lone surrogate (\\ud800-\\udfff): text must be valid Unicode"
+        ) from None
+
+
+def _checked_any(value: Any) -> Any:
+    """A value of an ``Any`` field (tools, template variables), its text checked."""
+    if isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _checked_any(key)
+            _checked_any(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _checked_any(item)
+    return value
 
 
 def _is_union(tp: Any) -> bool:
@@ -271,7 +300,19 @@ def make_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
     conv.register_structure_hook_factory(
         lambda t: cols.is_sequence(t) or cols.is_any_set(t), sequence_factory
     )
-    conv.register_structure_hook_func(_is_any, lambda v, _t: v)
+    def mapping_factory(tp: Any) -> Callable[[Any, Any], Any]:
+        # cattrs would call .items() on whatever came: a string is a 500, not a 400.
+        inner = cols.mapping_structure_factory(tp, conv)
+
+        def hook(value: Any, t: Any) -> Any:
+            if not isinstance(value, Mapping):
+                raise _StrictTypeError(f"expected {describe_type(tp)}, got {_show(value)}")
+            return inner(value, t)
+
+        return hook
+
+    conv.register_structure_hook_factory(cols.is_mapping, mapping_factory)
+    conv.register_structure_hook_func(_is_any, lambda v, _t: _checked_any(v))
     return conv
 
 

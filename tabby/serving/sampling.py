@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 _MAX_TOP_LOGPROBS = 20
+# Stop and banned strings of one request, in UTF-8 bytes. Their matchers are linear in
+# this (tens of bytes of memory per character), and lists of a few thousand phrases fit.
+MAX_STOP_BAN_BYTES = 64 * 1024
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 # Keys of an OpenAI-style {"name", "schema"} wrapper around a JSON schema.
 _SCHEMA_WRAPPER_KEYS = frozenset({"name", "schema", "strict", "description"})
@@ -350,6 +353,7 @@ class SamplerParams:
     negative_prompt: str | None = _f(None, "Negative prompt for guidance (accepted; no effect).")
 
     def __attrs_post_init__(self) -> None:
+        self._check_stop_ban_size()
         if self.max_tokens and self.min_tokens > self.max_tokens:
             raise FieldError(
                 "min_tokens", f"must not exceed max_tokens ({self.min_tokens} > {self.max_tokens})"
@@ -369,6 +373,19 @@ class SamplerParams:
         ]
         if len(given) > 1:
             raise FieldError(given[1], f"cannot be combined with {given[0]}: use one constraint")
+
+    def _check_stop_ban_size(self) -> None:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        bans = [self.banned_strings] if isinstance(self.banned_strings, str) else self.banned_strings
+        stop_bytes = sum(len(s.encode("utf-8")) for s in stops if isinstance(s, str))
+        ban_bytes = sum(len(s.encode("utf-8")) for s in bans)
+        if stop_bytes + ban_bytes > MAX_STOP_BAN_BYTES:
+            field = "stop" if stop_bytes >= ban_bytes else "banned_strings"
+            raise FieldError(
+                field,
+                f"stop and banned strings total {stop_bytes + ban_bytes} bytes; at most "
+                f"{MAX_STOP_BAN_BYTES}",
+            )
 
     def to_settings(self) -> SamplerSettings:
         """The backend sampler settings (shorthands resolved, ``top_k=-1`` → 0)."""
