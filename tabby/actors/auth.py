@@ -279,9 +279,15 @@ class AuthStore:
             keys = await trio.to_thread.run_sync(read_key_file, path)
         except KeyFileError as exc:
             self._failed_reloads += 1
-            description = "keys file refused, previous keys still in force: " + "; ".join(exc.lines)
-            log.error("%s", description)
-            self._health.report(HEALTH_SOURCE, HEALTH_KEY, description)
+            log.error(
+                "keys file refused, previous keys still in force: %s", "; ".join(exc.lines)
+            )
+            # /health answers anyone: the problem says what, the log says where and why.
+            self._health.report(
+                HEALTH_SOURCE,
+                HEALTH_KEY,
+                "keys file refused, previous keys still in force (details in the server log)",
+            )
             self._problem_open = True
             api_count = len(self._keys.api) if self._keys else 0
             return ReloadOutcome(False, api_count, tuple(exc.lines))

@@ -145,7 +145,10 @@ def install_error_handlers(
 
     @app.errorhandler(errors.TabbyError)
     async def tabby_error(exc: errors.TabbyError) -> quart.Response:
-        if exc.status >= 500:
+        if isinstance(exc, errors.ServiceUnavailable):
+            # No model loaded, a model switching: the server is fine, the caller may retry.
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        elif exc.status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         return error_response(exc, trace=_trace(exc, send_tracebacks))
 

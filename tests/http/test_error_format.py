@@ -317,3 +317,20 @@ async def test_a_blueprint_renders_errors_in_its_own_shape(live_server: StartSer
         error = assert_error(openai, 400, "invalid_request_error", None)
         assert error["param"] == "prompt"
         assert_error(await client.get("/nowhere"), 404, "not_found_error", "not_found")
+
+
+async def test_no_model_is_a_warning_not_an_error(
+    live_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await live_server()
+    caplog.set_level(logging.INFO)
+    async with server.client(headers=server.auth()) as client:
+        for _ in range(3):
+            response = await client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+            )
+            assert response.status_code == 503
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    warnings = [r for r in caplog.records if r.name == "tabby.http.errors"]
+    assert len(warnings) == 3
+    assert {r.levelname for r in warnings} == {"WARNING"}
