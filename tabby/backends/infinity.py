@@ -78,6 +78,11 @@ def resolve_embedding_model(name: str, model_dir: Path) -> Path:
         )
     candidate = model_dir / name
     if candidate.is_dir():
+        if not _inside(candidate, model_dir):
+            raise InvalidRequest(
+                f"embedding model {name!r} leads outside the embedding model folder",
+                param="embedding_model_name",
+            )
         return candidate
     if name == EMBEDDED_MODEL_NAME:
         embedded = embedded_model_path()
@@ -88,11 +93,21 @@ def resolve_embedding_model(name: str, model_dir: Path) -> Path:
     )
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` stays inside ``folder`` once links are followed."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def list_embedding_models(model_dir: Path) -> tuple[str, ...]:
-    """Folders of ``model_dir`` (hidden ones skipped) plus the embedded default."""
+    """Folders of ``model_dir`` (hidden ones and links out of it skipped) plus the
+    embedded default."""
     names = set()
     if model_dir.is_dir():
-        names = {p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        names = {
+            p.name
+            for p in model_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and _inside(p, model_dir)
+        }
     if embedded_model_path() is not None:
         names.add(EMBEDDED_MODEL_NAME)
     return tuple(sorted(names))

@@ -244,3 +244,21 @@ def test_without_infinity_embeddings_answer_501(tmp_path: Path) -> None:
         assert status == 501
         assert "infinity-emb" in body["error"]["message"]
     assert out["/v1/auth/permission"] == [200, {"permission": "admin"}]  # the rest works
+
+
+async def test_embedding_models_stay_inside_their_folder(server: Any, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    models = tmp_path / server.config.embeddings.embedding_model_dir
+    models.mkdir(exist_ok=True)
+    (models / "escape").symlink_to(outside, target_is_directory=True)
+    async with server.client(headers=server.auth("admin")) as client:
+        listed = await client.get("/v1/model/embedding/list")
+        load = await client.post(
+            "/v1/model/embedding/load", json={"embedding_model_name": "escape"}
+        )
+    assert "escape" not in [m["id"] for m in listed.json()["data"]]
+    assert load.status_code == 400
+    assert load.json()["error"]["param"] == "embedding_model_name"
+    assert "outside" in load.json()["error"]["message"]
