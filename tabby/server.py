@@ -26,7 +26,7 @@ from tabby.actors.downloader import downloader_from_config
 from tabby.actors.embedder import embedder_from_config
 from tabby.actors.health import HealthMonitor
 from tabby.actors.keyfile import KeyFile, KeyFileError
-from tabby.actors.models import ModelManager
+from tabby.actors.models import ModelManager, ModelManagerHandle
 from tabby.backends.registry import BackendRegistry
 from tabby.config import TabbyConfig
 from tabby.http.app import create_app
@@ -127,6 +127,28 @@ async def _serve_http(
         raise StartupError(f"cannot listen on {where}: {error.strerror or error}") from None
 
 
+def _ending_margin(grace: float) -> float:
+    # Time left after the generations end for their last events and the bodies' ends to go
+    # out before hypercorn cuts whatever is still open.
+    return min(1.0, grace * 0.2)
+
+
+async def _end_generations_in_grace(
+    shutdown: trio.Event, models: ModelManagerHandle, grace: float
+) -> None:
+    """On shutdown, give generations most of the grace, then end them all.
+
+    Unloading with ``skip_queue`` fails every live job with a 503, so each stream sends a
+    final error event and a complete body (and a waiting request gets a 503) before the
+    grace runs out, instead of being cut mid-stream.
+    """
+    await shutdown.wait()
+    await trio.sleep(max(0.0, grace - _ending_margin(grace)))
+    log.info("shutdown grace ending: stopping the generations still running")
+    with trio.move_on_after(_ending_margin(grace)):
+        await models.unload_model(skip_queue=True)
+
+
 def announce(info: ServerInfo, keys_path: str) -> None:
     """The startup banner: URLs, auth mode and, once, freshly created keys."""
     out = sys.stdout
@@ -218,6 +240,8 @@ async def _serve(
             nursery.cancel_scope.cancel()  # the server is done: stop the actors too
 
         urls = await nursery.start(http)
+        grace = config.network.shutdown_grace
+        nursery.start_soon(_end_generations_in_grace, shutdown, models, grace)
         info = ServerInfo(
             urls=tuple(urls),
             services=services,
