@@ -94,6 +94,32 @@ def _encode(tokenizer: Tokenizer, info: ModelInfo, text: str, add_bos: bool) -> 
     return PreparedPrompt(text, tuple(tokenizer.encode(text, add_bos=add_bos)))
 
 
+def _utf8_size(text: str, limit: int) -> int:
+    """``text``'s UTF-8 size, or any number over ``limit`` when it is surely over."""
+    if len(text) > limit or 4 * len(text) <= limit:
+        return len(text)  # bytes >= characters, and a character is at most 4 bytes
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_prompt_size(text: str, state: ServingState, *, param: str) -> None:
+    """A prompt too large to fit the context whatever its tokens is a 400 before any
+    tokenizing (see :attr:`ServingState.prompt_byte_limit`)."""
+    limit = state.prompt_byte_limit
+    if limit and _utf8_size(text, limit) > limit:
+        raise ContextLengthExceeded(
+            f"the prompt is over {limit} bytes, more than the context of {state.max_seq_len} "
+            "tokens can hold",
+            param=param,
+        )
+
+
+def tail_within(text: str, limit: int) -> str:
+    """The end of ``text`` within about ``limit`` bytes (whole characters)."""
+    if _utf8_size(text, limit) <= limit:
+        return text
+    return text.encode("utf-8", "surrogatepass")[-limit:].decode("utf-8", "ignore")
+
+
 def _build_jobs(
     request: GenerationRequest,
     state: ServingState,
@@ -186,7 +212,11 @@ def _trimmed(
     assert tokenizer is not None
     if len(request.prompts) != 1:
         raise InvalidRequest("only a single prompt can be trimmed to fit", param="prompt")
-    prompt = _encode(tokenizer, info, request.prompts[0], add_bos)
+    # Trimmed from the front anyway: only the end that could fit is tokenized.
+    text = request.prompts[0]
+    if state.prompt_byte_limit:
+        text = tail_within(text, state.prompt_byte_limit)
+    prompt = _encode(tokenizer, info, text, add_bos)
     context = state.max_seq_len
     if request.context_limit is not None:
         context = min(context, request.context_limit)
@@ -213,6 +243,9 @@ def plan_completion(
         prompt, context = _trimmed(request, state, request_id, add_bos)
         prompts: tuple[PreparedPrompt, ...] = (prompt,)
     else:
+        for index, text in enumerate(request.prompts):
+            where = f"prompt[{index}]" if len(request.prompts) > 1 else "prompt"
+            _check_prompt_size(text, state, param=where)
         prompts = tuple(_encode(tokenizer, info, text, add_bos) for text in request.prompts)
         context = state.max_seq_len
     spec = constraint_for(request, state)
@@ -363,6 +396,7 @@ def plan_chat(request: ChatRequest, state: ServingState, request_id: str) -> Gen
         compiler=state.constraints,
     )
     spec, reasoning_end = _chat_constraint(request, state, options)
+    _check_prompt_size(text, state, param="messages")
     # Chat requests never choose BOS: the model's tokenizer settings do.
     prompts = (_encode(tokenizer, info, text, info.add_bos_token),)
     jobs = _build_jobs(

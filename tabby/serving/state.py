@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,3 +58,25 @@ class ServingState:
     @property
     def max_batch_size(self) -> int:
         return self.model.max_batch_size if self.model is not None else 0
+
+    @functools.cached_property
+    def prompt_byte_limit(self) -> int:
+        """Prompt bytes that can never fit the context (0 without a model).
+
+        No token spells more bytes than the longest one in the vocabulary, so a longer
+        prompt has more tokens than the context holds: it is refused before it is
+        tokenized (tokenizing megabytes holds the GIL for seconds). Computed once per
+        snapshot, on first use.
+        """
+        tokenizer = self.tokenizer
+        if tokenizer is None or self.model is None:
+            return 0
+        longest = 1
+        for token_id in range(tokenizer.vocab_size):
+            try:
+                size = len(tokenizer.piece(token_id).encode("utf-8", "surrogatepass"))
+            except (KeyError, IndexError, ValueError):
+                continue  # an id the vocabulary does not use
+            longest = max(longest, size)
+        return self.max_seq_len * longest
+
