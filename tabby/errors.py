@@ -16,6 +16,7 @@ into this tree at the adapter boundary; nothing classifies an error by its text.
     ├── PermissionDenied                403 permission_error
     ├── NotFound                        404 not_found_error
     ├── MethodNotAllowed                405 invalid_request_error
+    ├── RequestTimeout                  408 code=request_timeout
     ├── Conflict                        409 conflict_error
     ├── PayloadTooLarge                 413 invalid_request_error
     ├── Unprocessable                   422 invalid_request_error
@@ -47,6 +48,7 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "RequestCancelled",
+    "RequestTimeout",
     "ServiceUnavailable",
     "TabbyError",
     "TemplateError",
@@ -108,6 +110,14 @@ class MethodNotAllowed(TabbyError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(TabbyError):
+    """The client did not send its request body in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class Conflict(TabbyError):

@@ -179,6 +179,14 @@ class NetworkConfig:
         ),
     )
     max_body_size: int = _int_field(16777216, "Largest accepted request body, in bytes.", 1)
+    body_timeout: float = _num_field(
+        60.0, "Seconds a client gets to send a request body before a 408.", 0, strict=True
+    )
+    max_requests_per_client: int = _int_field(
+        256,
+        "Requests one client address may have in flight at once (429 beyond); 0 = no limit.",
+        0,
+    )
     backlog: int = _int_field(
         2048,
         "Connections the kernel queues before they are accepted (capped by the system's "

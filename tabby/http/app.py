@@ -29,6 +29,7 @@ from quart_trio import QuartTrio
 from tabby.http import core, embeddings
 from tabby.http.admin import downloads as admin_downloads
 from tabby.http.admin import routes as admin_routes
+from tabby.http.client_limit import PerClientLimit
 from tabby.http.context import current_services, install_services, request_id
 from tabby.http.errors import install_error_handlers
 from tabby.http.keepalive import SSEKeepAlive
@@ -122,8 +123,10 @@ def create_app(
     declare_routes(app, declared_routes(config))
     for extra in extra_blueprints:
         app.register_blueprint(extra)
-    app.asgi_app = SSEKeepAlive(  # type: ignore[method-assign]
-        CloseUnreadBodies(app.asgi_app), config.network.sse_ping_interval
+    app.asgi_app = PerClientLimit(  # type: ignore[method-assign]
+        SSEKeepAlive(CloseUnreadBodies(app.asgi_app), config.network.sse_ping_interval),
+        config.network.max_requests_per_client,
+        error_body,
     )
     return app
 

@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 import cattrs
 import quart
+import trio
 
 from tabby.config.validation import ValidationFailed, make_converter, structure
-from tabby.errors import InvalidRequest
+from tabby.errors import InvalidRequest, RequestTimeout
+from tabby.http.context import current_services
 from tabby.serving.presets import SamplerPreset, apply_preset
 
 __all__ = ["parse_body", "read_json", "structure_body", "structure_request"]
@@ -35,7 +37,12 @@ _CONVERTER: cattrs.Converter = make_converter(forbid_extra_keys=False)
 async def read_json(*, allow_empty: bool = False) -> Any:
     """The request's JSON body; ``allow_empty`` turns a missing body into ``{}``."""
     request = quart.request
-    raw = await request.get_data(as_text=False)
+    timeout = current_services().config.network.body_timeout
+    # A client that stalls mid-body would otherwise hold its connection forever.
+    with trio.move_on_after(timeout) as waited:
+        raw = await request.get_data(as_text=False)
+    if waited.cancelled_caught:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s")
     if not raw.strip() and allow_empty:
         return {}
     if request.mimetype != "application/json":

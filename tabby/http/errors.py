@@ -47,6 +47,7 @@ _BY_STATUS: dict[int, type[errors.TabbyError]] = {
     403: errors.PermissionDenied,
     404: errors.NotFound,
     405: errors.MethodNotAllowed,
+    408: errors.RequestTimeout,
     409: errors.Conflict,
     413: errors.PayloadTooLarge,
     422: errors.Unprocessable,
