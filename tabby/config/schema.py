@@ -252,6 +252,11 @@ class ModelSettings:
         ),
     )
     chunk_size: int = _int_field(512, "Prompt tokens processed per forward pass.", 1)
+    default_max_tokens: int = _int_field(
+        4096,
+        "Tokens a request that sets no max_tokens (or 0) may generate; 0 = fill the context.",
+        0,
+    )
     max_batch_size: int | None = _int_field(
         None, "Most jobs generated at once; unset = the backend's default.", 1
     )
@@ -363,6 +368,7 @@ class ModelDefaults:
     cache_size: int | Unset | None = UNSET
     cache_mode: str | Unset = UNSET
     chunk_size: int | Unset = UNSET
+    default_max_tokens: int | Unset = UNSET
     max_batch_size: int | Unset | None = UNSET
     prompt_template: str | Unset | None = UNSET
     dtype: Dtype | Unset = UNSET

@@ -31,7 +31,7 @@ import attrs
 from tabby.backends.base import ModelInfo
 from tabby.backends.constraints import request_field, validate
 from tabby.errors import ContextLengthExceeded, InvalidRequest, Unprocessable
-from tabby.jobs import ConstraintSpec, GenerationJob, Tokenizer
+from tabby.jobs import ConstraintSpec, GenerationJob, SamplerSettings, Tokenizer
 from tabby.serving.chat_options import ChatOptions, chat_options, with_prompt
 from tabby.serving.ports import JobSubmitter
 from tabby.serving.requests import (
@@ -120,6 +120,25 @@ def tail_within(text: str, limit: int) -> str:
     return text.encode("utf-8", "surrogatepass")[-limit:].decode("utf-8", "ignore")
 
 
+def _check_token_ids(sampler: SamplerSettings, state: ServingState) -> None:
+    """Token ids the request names must exist in the model's vocabulary (400 otherwise)."""
+    vocab = state.model.vocab_size if state.model is not None else 0
+    if vocab <= 0:
+        return
+    named = (
+        ("logit_bias", [token for token, _ in sampler.logit_bias]),
+        ("banned_tokens", list(sampler.banned_tokens)),
+        ("allowed_tokens", list(sampler.allowed_tokens)),
+    )
+    for field, ids in named:
+        outside = [token for token in ids if token >= vocab]
+        if outside:
+            raise InvalidRequest(
+                f"token id {outside[0]} is not in the model's vocabulary (0..{vocab - 1})",
+                param=field,
+            )
+
+
 def _build_jobs(
     request: GenerationRequest,
     state: ServingState,
@@ -146,10 +165,13 @@ def _build_jobs(
                 prompt_ids=prompt.ids,
                 max_seq_len=max_seq_len,
                 extra_stop_strings=extra_stops,
+                default_max_tokens=state.settings.default_max_tokens,
             )
         except ContextLengthExceeded as exc:
             where = f"{param}[{p_idx}]" if len(prompts) > 1 else param
             raise ContextLengthExceeded(exc.message, param=where) from None
+        if p_idx == 0:
+            _check_token_ids(base.sampler, state)
         for n_idx in range(request.n):
             index = p_idx * request.n + n_idx
             # Each choice gets its own seed, so n choices differ and each is reproducible.

@@ -478,6 +478,7 @@ class SamplerParams:
         max_seq_len: int,
         extra_stop_strings: Sequence[str] = (),
         masker: TokenMasker | None = None,
+        default_max_tokens: int = 0,
     ) -> GenerationJob:
         """A backend job for ``prompt_ids``.
 
@@ -501,7 +502,8 @@ class SamplerParams:
                 f"within the context length of {max_seq_len}",
                 param="messages",
             )
-        max_new = room if options.max_tokens is None else min(options.max_tokens, room)
+        wanted = options.max_tokens or default_max_tokens or None
+        max_new = room if wanted is None else min(wanted, room)
         return GenerationJob(
             job_id=job_id,
             prompt_ids=tuple(prompt_ids),
