@@ -181,7 +181,7 @@ _UNIT = _number(0.0, 1.0)
 class JobOptions:
     """The job-level pieces of a request (everything but the sampler settings)."""
 
-    max_tokens: int | None  # None = fill the rest of the context
+    max_tokens: int | None  # None = the model's default_max_tokens
     min_tokens: int
     stop_strings: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
@@ -200,7 +200,7 @@ class SamplerParams:
     # Lengths and stopping
     max_tokens: int | None = _f(
         None,
-        "Maximum new tokens; null or 0 fills the rest of the context.",
+        "Maximum new tokens; null or 0: the model's default_max_tokens.",
         "max_completion_tokens",
         "max_length",
         validator=_TOKENS,
@@ -482,9 +482,10 @@ class SamplerParams:
     ) -> GenerationJob:
         """A backend job for ``prompt_ids``.
 
-        ``max_tokens`` null or 0 fills the rest of the context, and a value that fits the
-        model but not beside this prompt is capped to what is left (clients such as
-        SillyTavern send a fixed ``max_tokens`` whatever the prompt's length). A value
+        ``max_tokens`` null or 0 takes ``default_max_tokens`` (0 there: the rest of the
+        context), and a value that fits the model but not beside this prompt is capped to
+        what is left (clients such as SillyTavern send a fixed ``max_tokens`` whatever the
+        prompt's length). A value
         beyond the context length itself, or a prompt that leaves no room, raises
         :class:`ContextLengthExceeded` before anything is queued.
         """
