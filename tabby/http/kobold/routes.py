@@ -198,7 +198,8 @@ class KoboldService:
         caller = await self.caller()
         raw = await read_json()
         request = structure_request(raw, GenerateRequest, self._serving.current_state().preset)
-        state = self._serving.loaded_state()
+        # Kobold names no model: the loaded one (waited for while a load runs).
+        state = await self._serving.serving_state(None, caller.permission)
         rid = request_id()
         try:
             resolved = request.resolved(default_max_length=default_max_length(state))
