@@ -193,7 +193,8 @@ async def test_requests_during_a_switch_wait_for_the_new_model(
     live_server: StartServer, tmp_path: Path
 ) -> None:
     gates = Gates()
-    server = await live_server(config(tmp_path), registry=registry(gates))
+    network = {"api_servers": ("OAI", "Kobold")}
+    server = await live_server(config(tmp_path, network=network), registry=registry(gates))
     models = server.info.services.models
     assert models is not None
     gates.load.clear()
@@ -213,10 +214,19 @@ async def test_requests_during_a_switch_wait_for_the_new_model(
             body = {"prompt": "Hi", "max_tokens": 3, "stream": True}
             results["stream"] = [line async for line in stream_lines(http, server, body)]
 
+        async def kobold() -> None:
+            body = {"prompt": "Hi", "max_length": 3}
+            async with http.stream(
+                "POST", "/api/extra/generate/stream", json=body, headers=server.auth()
+            ) as response:
+                assert response.status_code == 200
+                results["kobold"] = [line async for line in response.aiter_lines() if line]
+
         nursery.start_soon(plain)
         nursery.start_soon(streamed)
+        nursery.start_soon(kobold)
         with trio.fail_after(NO_HANG_S):
-            while (await models.statistics()).load_waiters < 2:
+            while (await models.statistics()).load_waiters < 3:
                 await trio.sleep(0.01)
         gates.load.set()
     assert load_events[-1]["status"] == "finished"
@@ -227,6 +237,10 @@ async def test_requests_during_a_switch_wait_for_the_new_model(
     assert data
     assert all(chunk["model"] == "beta" for chunk in data)
     assert lines[-1] == "data: [DONE]"
+    kobold_lines = results["kobold"]
+    assert kobold_lines[0] == ": loading"
+    assert "event: message" in kobold_lines
+    assert json.loads(kobold_lines[-1][6:])["finish_reason"] == "length"
 
 
 async def test_a_switch_that_outlasts_the_wait_is_a_503_with_retry_after(
