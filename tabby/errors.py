@@ -15,6 +15,7 @@ into this tree at the adapter boundary; nothing classifies an error by its text.
     ├── AuthenticationError             401 authentication_error
     ├── PermissionDenied                403 permission_error
     ├── NotFound                        404 not_found_error
+    │   └── ModelNotFound               404 invalid_request_error, code=model_not_found
     ├── MethodNotAllowed                405 invalid_request_error
     ├── RequestTimeout                  408 code=request_timeout
     ├── Conflict                        409 conflict_error
@@ -23,7 +24,7 @@ into this tree at the adapter boundary; nothing classifies an error by its text.
     │   └── RequestCancelled            422 code=request_cancelled
     ├── TooManyRequests                 429 rate_limit_error (carries retry_after)
     ├── NotImplementedFeature           501 not_implemented
-    ├── ServiceUnavailable              503 service_unavailable
+    ├── ServiceUnavailable              503 service_unavailable (may carry retry_after)
     │   └── NoModelLoaded               503 code=model_not_loaded
     ├── BackendUnavailable              422 code=backend_unavailable
     ├── NotSupported                    422 code=not_supported
@@ -41,6 +42,7 @@ __all__ = [
     "GenerationFailed",
     "InvalidRequest",
     "MethodNotAllowed",
+    "ModelNotFound",
     "NoModelLoaded",
     "NotFound",
     "NotImplementedFeature",
@@ -106,6 +108,13 @@ class NotFound(TabbyError):
     default_code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """A request's ``model`` names nothing this server may serve (OpenAI's shape)."""
+
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
 class MethodNotAllowed(TabbyError):
     status = 405
     error_type = "invalid_request_error"
@@ -168,6 +177,17 @@ class ServiceUnavailable(TabbyError):
     status = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after  # seconds; None: no Retry-After header
 
 
 class NoModelLoaded(ServiceUnavailable):

@@ -123,6 +123,8 @@ def live_server(nursery: trio.Nursery, tmp_path: Path) -> StartServer:
 
 async def start_smollm2(nursery: trio.Nursery, base_dir: Path, **model: Any) -> ServerInfo:
     """The embedded SmolLM2 with the shipped templates, auth off; ``model`` overrides ``[model]``."""
+    # The tests' clients name the model "m": a dummy name, served by the loaded model.
+    model = {"dummy_model_names": ("m",), **model}
     config = TabbyConfig(
         network=NetworkConfig(host="127.0.0.1", port=0, disable_auth=True, shutdown_grace=1.0),
         model=ModelConfigSection(templates_dir=str(REPO / "templates"), **model),

@@ -1,6 +1,7 @@
 """Stream items that several actors and the HTTP layer share.
 
 A generation job's events are :mod:`tabby.jobs.events`. A model load's progress channel carries :data:`LoadEvent` items:
+a :class:`JobsDraining` while the model on its way out finishes its running jobs,
 ``LoadProgress`` events of the backend, then exactly one :class:`ModelLoaded` or
 :class:`LoadFailed`, then the channel closes.
 
@@ -21,11 +22,19 @@ if TYPE_CHECKING:
     from tabby.serving.state import ServingState
 
 __all__ = [
+    "JobsDraining",
     "LoadEvent",
     "LoadFailed",
     "LoadProgress",
     "ModelLoaded",
 ]
+
+
+@attrs.frozen
+class JobsDraining:
+    """The load waits for ``running`` jobs of the current model to finish first."""
+
+    running: int
 
 
 @attrs.frozen
@@ -42,4 +51,4 @@ class LoadFailed:
     error: TabbyError
 
 
-LoadEvent = LoadProgress | ModelLoaded | LoadFailed
+LoadEvent = JobsDraining | LoadProgress | ModelLoaded | LoadFailed

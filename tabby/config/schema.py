@@ -350,6 +350,12 @@ class ModelConfigSection(ModelSettings):
         default=("gpt-3.5-turbo",),
         metadata=_doc("Names accepted in the model field that never switch models."),
     )
+    switch_wait_timeout: float = _num_field(
+        60.0,
+        "Seconds a generation request waits for a model that is loading before it is "
+        "answered 503 (0 = answer at once).",
+        0,
+    )
     templates_dir: str = attrs.field(
         default="templates", metadata=_doc("Folder of chat templates (*.jinja).")
     )

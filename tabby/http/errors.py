@@ -124,7 +124,10 @@ def error_response(exc: errors.TabbyError, *, trace: str | None = None) -> quart
         status=exc.status,
         mimetype="application/json",
     )
-    if isinstance(exc, errors.TooManyRequests):
+    if (
+        isinstance(exc, errors.TooManyRequests | errors.ServiceUnavailable)
+        and exc.retry_after is not None
+    ):
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"

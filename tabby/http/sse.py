@@ -4,7 +4,8 @@
 ``events`` may also be an async context manager yielding the iterator, entered when the
 body starts and exited after it ends (so the producer can own a nursery).
 Each item becomes one event: a mapping is sent as JSON (``data: {...}``), a string as
-is (``data: [DONE]``), an :class:`SSEEvent` with its event name. Keep-alive comments on
+is (``data: [DONE]``), an :class:`SSEEvent` with its event name, an :class:`SSEComment`
+as a comment line (``: loading``) that clients ignore. Keep-alive comments on
 idle streams come from :mod:`tabby.http.keepalive`, around the app.
 
 If the iterator raises, the client gets one final error event, rendered in the shape
@@ -38,7 +39,7 @@ from tabby.errors import TabbyError
 from tabby.http.context import current_services
 from tabby.http.errors import ErrorRenderer, error_renderer, internal_error
 
-__all__ = ["SSEEvent", "SSEEvents", "SSEItem", "encode_event", "sse_response"]
+__all__ = ["SSEComment", "SSEEvent", "SSEEvents", "SSEItem", "encode_event", "sse_response"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,14 @@ class SSEEvent:
     event: str | None = None
 
 
-SSEItem = str | Mapping[str, Any] | SSEEvent
+@attrs.frozen
+class SSEComment:
+    """A comment line: says the stream is alive (and why it is quiet) without an event."""
+
+    text: str
+
+
+SSEItem = str | Mapping[str, Any] | SSEEvent | SSEComment
 # The events, or an async context manager that yields them and is exited after the stream.
 SSEEvents = AsyncIterable[SSEItem] | AbstractAsyncContextManager[AsyncIterable[SSEItem]]
 
@@ -59,6 +67,8 @@ SSEEvents = AsyncIterable[SSEItem] | AbstractAsyncContextManager[AsyncIterable[S
 def encode_event(item: SSEItem) -> bytes:
     if isinstance(item, str) and "\n" not in item:
         return f"data: {item}\n\n".encode()  # a pre-rendered chunk: the common case
+    if isinstance(item, SSEComment):
+        return f": {item.text}\n\n".encode()
     event: str | None = None
     if isinstance(item, SSEEvent):
         event, data = item.event, item.data

@@ -10,8 +10,9 @@ A protocol maps its body onto a :class:`~tabby.serving.requests.ChatRequest` or
         async for event in events:     # ChoiceText ..., ChoiceFinished per choice, Usage
             ...
 
-:meth:`GenerationService.prepare` resolves the serving state (the inline load that
-``request.model`` may ask for; 503 without a model), plans in a worker thread
+:meth:`GenerationService.prepare` resolves the serving state (waiting for a model that
+is loading; the model ``request.model`` names, or the inline load it asks for: 404 for a
+name nothing serves; 503 without a model), plans in a worker thread
 (constraints compile there) and logs the request. The stream carries, per choice, its
 new text (split into reasoning and content, with its logprobs), the held-back tail and
 the tool calls when it finishes (after its constrained second pass, if it wants one),
@@ -60,6 +61,9 @@ __all__ = [
     "GenerationService",
     "Usage",
 ]
+
+# How soon a request refused after waiting for a load may try again.
+_RETRY_AFTER_S = 5.0
 
 
 @attrs.frozen
@@ -228,6 +232,7 @@ class GenerationService:
     def __init__(self, models: ModelSource | None, config: TabbyConfig) -> None:
         self._models = models
         self._config = config
+        self._dummy_names = frozenset(config.model.dummy_model_names)
 
     def current_state(self) -> ServingState:
         """The serving state now (empty without a model manager): its preset applies to
@@ -239,17 +244,34 @@ class GenerationService:
         """The serving state now; 503 when no model is loaded."""
         return _loaded(self.current_state())
 
+    def switching(self) -> bool:
+        """Whether a model is loading now (a request would wait for it)."""
+        return self.current_state().loading is not None
+
     async def serving_state(self, model: str | None, permission: Permission) -> ServingState:
-        """The state to generate with, after an inline load ``model`` asks for."""
+        """The state to generate with: the one after a load in progress (waited for up
+        to ``model.switch_wait_timeout``), checked against the ``model`` field (an empty
+        one means the loaded model), after an inline load it asks for."""
         models = self._models
         if models is None:
             raise NoModelLoaded("no model is loaded")
         state = models.serving_state()
-        # Clients always send some model name; it matters only with inline loading on.
-        inline = self._config.model.inline_model_loading
-        if inline and model and model != state.model_name:
+        if state.loading is not None:
+            state = await self._wait_for_load(models, state.loading)
+        # The common names answer without asking the model manager.
+        if model and model != state.model_name and model not in self._dummy_names:
             state = await models.ensure_model(model, permission)
+            if state.loading is not None:  # a load began meanwhile
+                state = await self._wait_for_load(models, state.loading)
         return _loaded(state)
+
+    async def _wait_for_load(self, models: ModelSource, loading: str) -> ServingState:
+        timeout = self._config.model.switch_wait_timeout
+        with trio.move_on_after(timeout):
+            return await models.wait_for_load()
+        raise NoModelLoaded(
+            f"the model {loading!r} is still loading; retry later", retry_after=_RETRY_AFTER_S
+        )
 
     async def prepare(
         self,

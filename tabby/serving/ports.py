@@ -44,5 +44,10 @@ class ModelSource(Protocol):
         ...
 
     async def ensure_model(self, name: str | None, permission: Permission) -> ServingState:
-        """The state to generate with, after an inline load the request's model asks for."""
+        """The state to generate with, after an inline load the request's model asks for;
+        ModelNotFound when ``name`` names nothing that may be served."""
+        ...
+
+    async def wait_for_load(self) -> ServingState:
+        """The state once no load is in progress (at once when none is)."""
         ...

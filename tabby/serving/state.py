@@ -46,6 +46,9 @@ class ServingState:
     constraints: ConstraintCompiler | None = attrs.field(default=None, eq=False)
     # The loaded model's scheduler: where its jobs go (None while no model is loaded).
     scheduler: JobSubmitter | None = attrs.field(default=None, eq=False)
+    # The model a load in progress brings up (None: no load runs). Generation requests
+    # wait for it rather than be refused by the model on its way out.
+    loading: str | None = None
 
     @property
     def loaded(self) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tabby.actors.health import HealthHandle, HealthMonitor
-from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
+from tabby.actors.messages import JobsDraining, LoadEvent, LoadFailed, ModelLoaded
 from tabby.actors.models import ModelManager, ModelManagerHandle
 from tabby.actors.models.listing import resolve_model
 from tabby.actors.models.residency import DeviceLimiters, DeviceStats
@@ -28,6 +28,7 @@ from tabby.errors import (
     AuthenticationError,
     BackendUnavailable,
     InvalidRequest,
+    ModelNotFound,
     NoModelLoaded,
     NotFound,
     NotSupported,
@@ -359,6 +360,46 @@ async def test_load_drains_or_cancels_running_jobs(rig: Rig) -> None:
     assert new.epoch == state.epoch + 1
 
 
+async def test_a_load_names_itself_and_wakes_who_waits_for_it(rig: Rig) -> None:
+    alpha = await rig.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
+    assert alpha.loading is None
+    assert await rig.models.wait_for_load() is alpha  # no load: at once
+    # A running job: the load says it waits for it before anything else.
+    job = await rig.scheduler.submit(GenerationJob("j", (1,), 300), model_epoch=alpha.epoch)
+    rig.loader.hold = threading.Event()
+    events = await rig.models.load_model(ModelLoadRequest(model_name="beta"))
+    with trio.fail_after(5):
+        while rig.models.serving_state().loading != "beta":
+            await trio.sleep(0.01)
+    waited: list[ServingState] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait() -> None:
+            waited.append(await rig.models.wait_for_load())
+
+        nursery.start_soon(wait)
+        nursery.start_soon(wait)
+        with trio.fail_after(5):
+            while (await rig.models.statistics()).load_waiters < 2:
+                await trio.sleep(0.01)
+        assert waited == []
+        async with job:
+            assert [e async for e in job]  # drained, not cancelled
+        rig.loader.hold.set()
+    async with events:
+        received = [e async for e in events]
+    assert received[0] == JobsDraining(1)
+    assert isinstance(received[-1], ModelLoaded)
+    state = rig.models.serving_state()
+    assert (state.model_name, state.loading) == ("beta", None)
+    assert waited == [state, state]
+    # A failed load wakes them too, with no model.
+    rig.loader.fail.add("alpha")
+    await load_events(rig.models, ModelLoadRequest(model_name="alpha"))
+    after = await rig.models.wait_for_load()
+    assert (after.loaded, after.loading) == (False, None)
+
+
 async def test_concurrent_loads_are_serialized(rig: Rig) -> None:
     rig.loader.hold = threading.Event()
     first = await rig.models.load_model(ModelLoadRequest(model_name="alpha"))
@@ -440,8 +481,14 @@ async def test_template_and_preset_switching(rig: Rig) -> None:
 async def test_inline_loading_rules(nursery: trio.Nursery, tmp_path: Path, model_dir: Path) -> None:
     off = await start(nursery, make_config(tmp_path, model_dir))
     state = await off.models.load_model_and_wait(ModelLoadRequest(model_name="alpha"))
-    assert await off.models.ensure_model("beta", Permission.ADMIN) is state  # inline off
-    assert await off.models.ensure_model("beta", Permission.API) is state
+    # Inline loading off: the loaded model by any of its names, a dummy name, or nothing.
+    for name in (None, "", "alpha", "gpt-3.5-turbo"):
+        assert await off.models.ensure_model(name, Permission.API) is state
+    for name in ("beta", "missing"):  # on disk or not, it is not served
+        with pytest.raises(ModelNotFound) as unknown:
+            await off.models.ensure_model(name, Permission.ADMIN)
+        assert (unknown.value.status, unknown.value.param) == (404, "model")
+        assert unknown.value.code == "model_not_found"
 
     config = make_config(tmp_path, model_dir, inline_model_loading=True)
     rig = await start(nursery, config)
@@ -453,7 +500,10 @@ async def test_inline_loading_rules(nursery: trio.Nursery, tmp_path: Path, model
     with pytest.raises(AuthenticationError) as refused:
         await rig.models.ensure_model("beta", Permission.API)
     assert refused.value.status == 401
-    assert await rig.models.ensure_model("missing", Permission.ADMIN) is state
+    with pytest.raises(ModelNotFound):
+        await rig.models.ensure_model("missing", Permission.ADMIN)
+    with pytest.raises(ModelNotFound):
+        await rig.models.ensure_model("missing", Permission.API)
     new = await rig.models.ensure_model("beta", Permission.ADMIN)
     assert (new.model_name, rig.models.serving_state()) == ("beta", new)
     with pytest.raises(InvalidRequest):

@@ -295,7 +295,9 @@ async def test_model_field_loads_inline(nursery: trio.Nursery, tmp_path: Path) -
         return result.model
 
     assert await answer_model("gpt-3.5-turbo") == MODEL  # a dummy name never switches
-    assert await answer_model("no-such-model") == MODEL  # an unknown one is ignored
+    with pytest.raises(openai.NotFoundError) as unknown:  # an unknown one is not served
+        await answer_model("no-such-model")
+    assert unknown.value.code == "model_not_found"
     assert await answer_model("other") == "other"
     assert server.services.models.serving_state().model_name == "other"
 

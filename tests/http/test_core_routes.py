@@ -13,7 +13,7 @@ async def test_health_transitions(live_server: StartServer) -> None:
     health = server.info.services.health
     async with server.client() as client:
         healthy = await client.get("/health")
-        assert (healthy.status_code, healthy.json()) == (200, {"status": "healthy", "problems": []})
+        assert (healthy.status_code, healthy.json()) == (200, {"status": "healthy", "model": "none", "problems": []})
 
         before = datetime.now(UTC)
         health.report("scheduler", "step", "RuntimeError: backend step failed")

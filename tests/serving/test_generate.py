@@ -73,9 +73,15 @@ class FakeModels:
     def serving_state(self) -> ServingState:
         return self.state
 
+    loaded: trio.Event = attrs.Factory(trio.Event)
+
     async def ensure_model(self, name: str | None, permission: Permission) -> ServingState:
         self.loads.append(name)
         return attrs.evolve(self.state, model_name=name)
+
+    async def wait_for_load(self) -> ServingState:
+        await self.loaded.wait()
+        return self.state
 
 
 def service(scripts: dict[str, list[JobEvent]], **config: Any) -> tuple[GenerationService, Any]:
@@ -186,11 +192,40 @@ async def test_state_resolution_and_inline_loading() -> None:
     assert empty.current_state() == ServingState()
     svc, _ = service({})
     models = svc._models
-    assert (await svc.serving_state("other", Permission.API)).model_name == "m"
-    assert models.loads == []  # inline loading is off by default
-    inline, _ = service({}, model=ModelConfigSection(inline_model_loading=True))
-    loaded = await inline.serving_state("other", Permission.API)
-    assert (loaded.model_name, inline._models.loads) == ("other", ["other"])
+    # The loaded model's id, a dummy name and no name answer without asking the source.
+    for name in ("m", "gpt-3.5-turbo", "", None):
+        assert (await svc.serving_state(name, Permission.API)).model_name == "m"
+    assert models.loads == []
+    # Any other name is the model manager's to resolve (alias, inline load or 404).
+    loaded = await svc.serving_state("other", Permission.API)
+    assert (loaded.model_name, models.loads) == ("other", ["other"])
+
+
+async def test_requests_wait_for_a_load_in_progress(autojump_clock: trio.abc.Clock) -> None:
+    svc, _ = service({}, model=ModelConfigSection(switch_wait_timeout=10.0))
+    models = svc._models
+    ready = models.state
+    models.state = attrs.evolve(ready, loading="m", model=None, model_name=None)
+    got: list[ServingState] = []
+    async with trio.open_nursery() as nursery:
+
+        async def ask() -> None:
+            got.append(await svc.serving_state("m", Permission.API))
+
+        nursery.start_soon(ask)
+        await trio.sleep(5)
+        assert got == []
+        models.state = ready
+        models.loaded.set()
+    assert got == [ready]
+    # A load that outlasts the wait: 503 with a hint when to retry.
+    models.state = attrs.evolve(ready, loading="n")
+    models.loaded = trio.Event()
+    start = trio.current_time()
+    with pytest.raises(NoModelLoaded) as late:
+        await svc.serving_state(None, Permission.API)
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert late.value.retry_after is not None
 
 
 def test_sampling_is_plain_sampler_params() -> None:

@@ -12,6 +12,7 @@ import trio
 from tabby.actors.mailbox import Mailbox
 from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
 from tabby.actors.models.messages import (
+    AwaitLoad,
     EnsureModel,
     GetManagerStats,
     GetServingState,
@@ -28,6 +29,7 @@ from tabby.actors.models.messages import (
     UnloadPreset,
     UnloadTemplate,
 )
+from tabby.actors.scheduler import SchedulerHandle, SchedulerStats
 from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest
 from tabby.serving.permission import Permission
 from tabby.serving.state import ServingState
@@ -134,13 +136,26 @@ class ModelManagerHandle:
     async def ensure_model(self, name: str | None, permission: Permission) -> ServingState:
         """Apply a request's ``model`` field (inline loading) and return the state to use.
 
-        Nothing happens when ``name`` is empty, names the loaded model, inline loading
-        is off, or names a dummy model. A non-admin caller naming another model gets
-        :class:`AuthenticationError` (401). An admin naming a model that does not exist
-        is ignored with a warning. Otherwise the model is loaded with the configured
-        settings only (no per-request settings) and the call returns after the load.
+        The current state, unchanged, when ``name`` is empty, names the loaded model (its
+        id, its folder or file name, with or without ``.gguf``), names a dummy model, or
+        when no model is loaded and ``name`` cannot be loaded inline (the caller answers
+        503). With inline loading on, a model in ``model_dir`` is loaded with the
+        configured settings only and the call returns after the load; a non-admin caller
+        gets :class:`AuthenticationError` (401) for it. Any other name is
+        :class:`ModelNotFound` (404).
         """
         return await self._mailbox.ask(partial(EnsureModel, name, permission))
+
+    async def wait_for_load(self) -> ServingState:
+        """The state once no load is in progress (at once when none is)."""
+        return await self._mailbox.ask(AwaitLoad)
+
+    async def scheduler_statistics(self) -> SchedulerStats | None:
+        """The loaded model's scheduler figures (None: no model is loaded)."""
+        scheduler = self._holder.state.scheduler
+        if not isinstance(scheduler, SchedulerHandle):
+            return None
+        return await scheduler.statistics()
 
     async def fetch_serving_state(self) -> ServingState:
         """The state after every command queued before this one was handled."""

@@ -5,6 +5,11 @@ model is loaded at a time), load the new backend in a worker thread on its devic
 limiter while streaming ``LoadProgress``, start its scheduler, publish the new state.
 A failed load leaves no model (the previous one is already gone), a health problem that
 the next successful load clears, and a :class:`LoadFailed` event for the caller.
+
+While a load runs the published state names it (``ServingState.loading``), and
+generation requests wait for its end (``when_loaded``) instead of being refused by the
+model on its way out. A load that has to let running jobs finish says so first
+(:class:`JobsDraining`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import math
 
 import trio
 
-from tabby.actors.mailbox import answer
-from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
+from tabby.actors.mailbox import Reply, answer
+from tabby.actors.messages import JobsDraining, LoadEvent, LoadFailed, ModelLoaded
 from tabby.actors.models.handle import StateHolder
 from tabby.actors.models.operations import (
     LoadOp,
@@ -24,12 +29,13 @@ from tabby.actors.models.operations import (
     UnloadOp,
     as_load_error,
     progress_sender,
+    send_event,
     send_final,
 )
 from tabby.actors.models.planning import LoadPlan, Planner
 from tabby.actors.models.residency import Residency, ResidentModel
 from tabby.backends.base import LoadProgress
-from tabby.errors import TabbyError
+from tabby.errors import ServiceUnavailable, TabbyError
 from tabby.serving.state import ServingState
 from tabby.serving.structured import compiler_for
 
@@ -72,12 +78,31 @@ class LoadTask:
         # Only the manager queues operations; unbounded so its main loop never waits.
         self._ops_send, self._ops = trio.open_memory_channel[Operation](math.inf)
         self.loading: str | None = None  # the model being loaded now
+        # Who waits for the load in progress to end (answered with the state after it).
+        self._load_waiters: list[Reply[ServingState]] = []
         self.loads = 0
         self.load_failures = 0
         self.unloads = 0
 
     def queue(self, operation: Operation) -> None:
         self._ops_send.send_nowait(operation)
+
+    def when_loaded(self, reply: Reply[ServingState]) -> None:
+        """Answer ``reply`` with the state once no load is in progress (now, if none is)."""
+        if self.loading is None:
+            answer(reply, self._holder.state)
+        else:
+            self._load_waiters.append(reply)
+
+    @property
+    def load_waiters(self) -> int:
+        """Requests still waiting (one that gave up has closed its reply channel)."""
+        return sum(1 for r in self._load_waiters if r.statistics().open_receive_channels)
+
+    def _wake_load_waiters(self) -> None:
+        waiters, self._load_waiters = self._load_waiters, []
+        for reply in waiters:
+            answer(reply, self._holder.state)
 
     @property
     def queued(self) -> int:
@@ -105,8 +130,9 @@ class LoadTask:
             self._finish_load(op, state)
             return
         self.loading = plan.entry.name
+        self._holder.publish(loading=plan.entry.name)
         try:
-            await self._take_down(skip_queue=plan.skip_queue)
+            await self._take_down(skip_queue=plan.skip_queue, progress=op.progress)
             new_state = await self._bring_up(plan, op.progress)
         except TabbyError as exc:
             self.load_failures += 1
@@ -118,6 +144,9 @@ class LoadTask:
             return
         finally:
             self.loading = None
+            if self._holder.state.loading is not None:
+                self._holder.publish(loading=None)
+            self._wake_load_waiters()
         self.loads += 1
         self._problems.clear("load")
         self._finish_load(op, new_state)
@@ -128,11 +157,18 @@ class LoadTask:
         if op.done is not None:
             answer(op.done, state)
 
-    async def _take_down(self, *, skip_queue: bool) -> None:
+    async def _take_down(
+        self, *, skip_queue: bool, progress: trio.MemorySendChannel[LoadEvent] | None = None
+    ) -> None:
         """Unload every resident model and publish a state without a model."""
         if not len(self._residency) and not self._holder.state.loaded:
             return
         for resident in self._residency:
+            if not skip_queue and progress is not None:
+                running = await _running_jobs(resident)
+                if running:
+                    log.info("loading waits for %d running jobs of %s", running, resident.name)
+                    send_event(progress, JobsDraining(running))
             await self._residency.remove(resident.name, skip_queue=skip_queue)
         self.unloads += 1
         self._holder.publish(epoch=self._holder.state.epoch, **_NO_MODEL)
@@ -174,6 +210,16 @@ class LoadTask:
             loras=plan.spec.loras,
             draft=plan.spec.draft,
             scheduler=scheduler,
+            loading=None,
         )
         self._residency.add(ResidentModel(plan.entry.name, device, backend, scheduler, state))
         return state
+
+
+async def _running_jobs(resident: ResidentModel) -> int:
+    """The jobs a draining unload of ``resident`` waits for (0 if its scheduler is gone)."""
+    try:
+        stats = await resident.scheduler.statistics()
+    except ServiceUnavailable:
+        return 0
+    return stats.queued + stats.live

@@ -20,6 +20,7 @@ from tabby.actors.mailbox import Answer, Mailbox, Reply, answer
 from tabby.actors.models.handle import ModelManagerHandle, StateHolder
 from tabby.actors.models.loading import LoadTask
 from tabby.actors.models.messages import (
+    AwaitLoad,
     EnsureModel,
     GetServingState,
     ListModels,
@@ -40,7 +41,13 @@ from tabby.actors.models.residency import Residency
 from tabby.backends.base import LoraSpec
 from tabby.backends.registry import BackendRegistry, default_registry
 from tabby.config import ModelConfigSection, TabbyConfig
-from tabby.errors import AuthenticationError, InvalidRequest, NoModelLoaded, TabbyError
+from tabby.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    ModelNotFound,
+    NoModelLoaded,
+    TabbyError,
+)
 from tabby.serving.model_settings import LoraLoadResult, LoraRequest, ModelLoadRequest
 from tabby.serving.permission import Permission
 from tabby.serving.presets import SamplerPreset, load_preset, preset_from_dict
@@ -101,6 +108,7 @@ class ModelManager:
             epoch=state.epoch,
             version=state.version,
             loading=loads.loading,
+            load_waiters=loads.load_waiters,
             queued_operations=loads.queued,
             loads=loads.loads,
             load_failures=loads.load_failures,
@@ -192,6 +200,8 @@ class ModelManager:
             answer(message.reply, names)
         elif isinstance(message, EnsureModel):
             await self._ensure_model(message)
+        elif isinstance(message, AwaitLoad):
+            self._loads.when_loaded(message.reply)
         elif isinstance(message, GetServingState):
             answer(message.reply, self._state)
         else:
@@ -242,23 +252,33 @@ class ModelManager:
         answer(message.reply)
 
     async def _ensure_model(self, message: EnsureModel) -> None:
-        name, state = message.name, self._state
-        if not name or await trio.to_thread.run_sync(self._planner.names_loaded, name, state):
+        name, state, config = message.name, self._state, self._config.model
+        if not name or name in config.dummy_model_names:
             answer(message.reply, state)
             return
-        if not _loads_inline(name, message.permission, self._config.model):
+        if await trio.to_thread.run_sync(self._planner.names_loaded, name, state):
             answer(message.reply, state)
             return
-        try:
-            plan = await trio.to_thread.run_sync(
-                self._planner.plan, ModelLoadRequest(model_name=name), True
+        plan = None
+        if config.inline_model_loading:
+            try:
+                plan = await trio.to_thread.run_sync(
+                    self._planner.plan, ModelLoadRequest(model_name=name), True
+                )
+            except InvalidRequest as exc:
+                if exc.code != "model_not_found":
+                    raise
+        if plan is None:
+            if not state.loaded:
+                # Nothing is served under any name: that is what the caller must hear.
+                answer(message.reply, state)
+                return
+            raise ModelNotFound(_not_found_message(name, state, config), param="model")
+        if message.permission is not Permission.ADMIN:
+            raise AuthenticationError(
+                f"switching to model {name!r} through the model field needs the admin key",
+                param="model",
             )
-        except InvalidRequest as exc:
-            if exc.code != "model_not_found":
-                raise
-            log.warning("model %r requested inline does not exist; ignored", name)
-            answer(message.reply, state)
-            return
         self._loads.queue(LoadOp(plan, None, message.reply))
 
 
@@ -277,18 +297,10 @@ async def _startup_preset(config: TabbyConfig, problems: Problems) -> SamplerPre
     return preset
 
 
-def _loads_inline(name: str, permission: Permission, config: ModelConfigSection) -> bool:
-    """Whether a request's ``model`` field naming another model loads it (the rules of
-    ``ModelManagerHandle.ensure_model``); AuthenticationError when the caller may not."""
-    admin = permission is Permission.ADMIN
-    if not config.inline_model_loading:
-        if admin:
-            log.warning("model %r requested but inline_model_loading is off", name)
-        return False
-    dummy = name in config.dummy_model_names
-    if not admin and not dummy:
-        raise AuthenticationError(
-            f"switching to model {name!r} through the model field needs the admin key",
-            param="model",
-        )
-    return not dummy
+def _not_found_message(name: str, state: ServingState, config: ModelConfigSection) -> str:
+    served = state.model_name
+    hint = "" if config.inline_model_loading else " (inline model loading is off)"
+    return (
+        f"the model {name!r} does not exist or is not served here{hint}; "
+        f"this server serves {served!r} (see GET /v1/models)"
+    )

@@ -16,6 +16,7 @@ from tabby.serving.permission import Permission
 from tabby.serving.state import ServingState
 
 __all__ = [
+    "AwaitLoad",
     "EnsureModel",
     "GetManagerStats",
     "GetServingState",
@@ -105,6 +106,13 @@ class EnsureModel:
 
 
 @attrs.frozen
+class AwaitLoad:
+    """Answer with the state once no load is in progress (at once when none is)."""
+
+    reply: Reply[ServingState]
+
+
+@attrs.frozen
 class GetServingState:
     reply: Reply[ServingState]
 
@@ -125,6 +133,7 @@ ManagerMessage = (
     | UnloadPreset
     | ListModels
     | EnsureModel
+    | AwaitLoad
     | GetServingState
     | GetManagerStats
 )
@@ -137,6 +146,7 @@ class ModelManagerStats:
     epoch: int
     version: int
     loading: str | None  # the model being loaded now
+    load_waiters: int  # requests waiting for that load to end
     queued_operations: int
     loads: int
     load_failures: int

@@ -25,6 +25,7 @@ __all__ = [
     "UnloadOp",
     "as_load_error",
     "progress_sender",
+    "send_event",
     "send_final",
 ]
 
@@ -84,6 +85,12 @@ def progress_sender(send: trio.MemorySendChannel[LoadEvent] | None) -> ProgressC
             trio.from_thread.run_sync(send.send_nowait, event)
 
     return progress
+
+
+def send_event(send: trio.MemorySendChannel[LoadEvent], event: LoadEvent) -> None:
+    """Forward a progress event from the event loop; a slow or departed client misses it."""
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        send.send_nowait(event)
 
 
 def send_final(send: trio.MemorySendChannel[LoadEvent] | None, event: LoadEvent) -> None:

@@ -15,6 +15,9 @@ __all__ = ["Attachment"]
 
 log = logging.getLogger(__name__)
 
+# A refused request may retry at once: the next one waits for the switch to end.
+_RETRY_AFTER_S = 1.0
+
 
 class Attachment:
     """The attached backend and its epoch, with the detach or stop in progress.
@@ -35,9 +38,14 @@ class Attachment:
         if self.backend is None:
             return NoModelLoaded("no model is loaded")
         if self.detaching is not None:
-            return NoModelLoaded("the model is being unloaded")
+            # Requests wait for a switch before they are planned; this one was planned
+            # just before it began.
+            return NoModelLoaded("the model is being unloaded", retry_after=_RETRY_AFTER_S)
         if model_epoch is not None and model_epoch != self.epoch:
-            return NoModelLoaded("the model changed while the request was prepared; retry")
+            return NoModelLoaded(
+                "the model changed while the request was prepared; retry",
+                retry_after=_RETRY_AFTER_S,
+            )
         return None
 
     def attach(self, message: Attach) -> bool:

@@ -6,7 +6,9 @@ draft model or LoRA on disk, an API key sees only what is loaded. With
 
 ``POST /v1/model/load`` checks the request before answering: an unknown model, a name
 that leads outside ``model_dir`` or an unavailable backend is a plain JSON error. Then
-it streams ``{"model_type", "module", "modules", "status"}`` events; a failure after
+it streams, when running jobs must finish first, one ``{"status": "waiting",
+"running_jobs", "message"}`` event, then ``{"model_type", "module", "modules", "status"}``
+events; a failure after
 that is one SSE error event. The load goes on if the client leaves (the ModelManager owns
 it).
 """
@@ -20,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 import quart
 import trio
 
-from tabby.actors.messages import LoadEvent, LoadFailed, ModelLoaded
+from tabby.actors.messages import JobsDraining, LoadEvent, LoadFailed, ModelLoaded
 from tabby.backends.base import LoadProgress
 from tabby.errors import NoModelLoaded, ServiceUnavailable
 from tabby.http.admin.schemas import (
     DraftInfo,
     GenerationSettings,
     LoadProgressEvent,
+    LoadWaitingEvent,
     LoraCard,
     LoraList,
     LoraLoadRequest,
@@ -161,6 +164,10 @@ async def _progress(events: trio.MemoryReceiveChannel[LoadEvent]) -> AsyncIterat
                 if event.status == "finished":
                     finished.add(event.model_type)
                 yield progress_json(event)
+            elif isinstance(event, JobsDraining):
+                jobs = "job" if event.running == 1 else "jobs"
+                message = f"waiting for {event.running} running {jobs}"
+                yield to_json(LoadWaitingEvent(running_jobs=event.running, message=message))
             elif isinstance(event, ModelLoaded):
                 if "model" not in finished:
                     # Clients wait for the main model's "finished"; a backend that

@@ -21,6 +21,7 @@ __all__ = [
     "DraftInfo",
     "GenerationSettings",
     "LoadProgressEvent",
+    "LoadWaitingEvent",
     "LoraCard",
     "LoraList",
     "LoraLoadRequest",
@@ -119,6 +120,20 @@ class LoadProgressEvent:
     status: Literal["processing", "finished"] = attrs.field(
         metadata=_doc("finished once module == modules.")
     )
+
+
+@attrs.frozen(kw_only=True)
+class LoadWaitingEvent:
+    """The first SSE event of POST /v1/model/load when running jobs must finish first."""
+
+    model_type: Literal["model"] = attrs.field(
+        default="model", metadata=_doc("The component being loaded.")
+    )
+    status: Literal["waiting"] = attrs.field(
+        default="waiting", metadata=_doc("The load has not started yet.")
+    )
+    running_jobs: int = attrs.field(metadata=_doc("Jobs of the current model it waits for."))
+    message: str = attrs.field(metadata=_doc("The same, in words."))
 
 
 @attrs.frozen(kw_only=True)

@@ -66,6 +66,7 @@ from tabby.http.openai.responses import dump
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEEvent, SSEItem, sse_response
+from tabby.http.waiting import Handoff, while_loading
 from tabby.serving.generate import (
     ChoiceFinished,
     ChoiceText,
@@ -168,6 +169,16 @@ def _finish_reason(finished: ChoiceFinished | None) -> KoboldFinishReason:
     return "length" if finished is not None and finished.finish_reason == "length" else "stop"
 
 
+async def _tokens(events: Events) -> AsyncIterator[SSEItem]:
+    """A stream's SSE events; a failure raises: one SSE error event ends the stream."""
+    async for event in events:
+        if isinstance(event, ChoiceText) and event.content:
+            yield SSEEvent(_json(StreamToken(event.content)), event="message")
+        elif isinstance(event, ChoiceFinished):
+            last = StreamToken("", _finish_reason(event))
+            yield SSEEvent(_json(last), event="message")
+
+
 @attrs.frozen
 class _Started:
     generation: Generation
@@ -195,11 +206,20 @@ class KoboldService:
     # -- generation ---------------------------------------------------------------------
 
     async def start(self) -> _Started:
+        caller, request = await self.receive()
+        return await self.begin(caller, request, request_id())
+
+    async def receive(self) -> tuple[Caller, GenerateRequest]:
+        """The caller and the validated body (in the handler: it reads the request)."""
         caller = await self.caller()
         raw = await read_json()
         request = structure_request(raw, GenerateRequest, self._serving.current_state().preset)
-        state = self._serving.loaded_state()
-        rid = request_id()
+        return caller, request
+
+    async def begin(self, caller: Caller, request: GenerateRequest, rid: str) -> _Started:
+        """Plan and submit the generation (after the request was received)."""
+        # Kobold names no model: the loaded one (waited for while a load runs).
+        state = await self._serving.serving_state(None, caller.permission)
         try:
             resolved = request.resolved(default_max_length=default_max_length(state))
         except FieldError as exc:
@@ -239,21 +259,27 @@ class KoboldService:
         return _json(GenerateResponse((answer,)))
 
     async def stream(self) -> quart.Response:
-        started = await self.start()
+        caller, request = await self.receive()
+        rid = request_id()
+        if self._serving.switching():
+            # Headers and ": loading" comments now; the tokens once the model is there.
+            async def produce(send: Handoff) -> None:
+                started = await self.begin(caller, request, rid)
+                try:
+                    async with started.generation.stream() as events:
+                        async for item in _tokens(events):
+                            await send.send(item)
+                finally:
+                    self.genkeys.finish(started.registered)
 
-        async def tokens(events: Events) -> AsyncIterator[SSEItem]:
-            async for event in events:  # a failure raises: one SSE error event ends the stream
-                if isinstance(event, ChoiceText) and event.content:
-                    yield SSEEvent(_json(StreamToken(event.content)), event="message")
-                elif isinstance(event, ChoiceFinished):
-                    last = StreamToken("", _finish_reason(event))
-                    yield SSEEvent(_json(last), event="message")
+            return sse_response(while_loading(produce))
+        started = await self.begin(caller, request, rid)
 
         @asynccontextmanager
         async def body() -> AsyncIterator[AsyncIterator[SSEItem]]:
             try:
                 async with started.generation.stream() as events:
-                    yield tokens(events)
+                    yield _tokens(events)
             finally:
                 self.genkeys.finish(started.registered)
 

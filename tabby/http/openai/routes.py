@@ -7,6 +7,10 @@ errors, before any stream starts), then render its event stream in OpenAI's shap
 (``tabby.http.openai.format``): one JSON body, or SSE chunks. An error during the
 stream is one SSE error event and the end of the stream (``tabby.http.sse``).
 
+A request that arrives while a model loads waits for it (``serving.generate``); a
+streaming one gets its stream at once, with ``: loading`` comments until the generation
+starts (``tabby.http.waiting``).
+
 A client that disconnects cancels the handler (non-streaming) or the stream body
 (streaming); either way every job's channel closes and the scheduler cancels the jobs.
 """
@@ -45,6 +49,7 @@ from tabby.http.openai.responses import (
 from tabby.http.openapi import Route
 from tabby.http.services import Services
 from tabby.http.sse import SSEItem, sse_response
+from tabby.http.waiting import Handoff, while_loading
 from tabby.serving.generate import Generation, GenerationEvent, GenerationService
 from tabby.serving.requests import ChatRequest
 from tabby.serving.requests import CompletionRequest as NeutralCompletion
@@ -83,23 +88,30 @@ def _stream_body(
     return body()
 
 
+Body = CompletionRequest | ChatCompletionRequest
+
+
 def blueprint(services: Services) -> quart.Blueprint:
     bp = quart.Blueprint("openai", __name__)
     config = services.config
     serving = GenerationService(services.models, config)
 
-    async def start(
-        cls: type[CompletionRequest] | type[ChatCompletionRequest], prefix: str, label: str
-    ) -> tuple[bool, Generation, Answer]:
+    async def receive(cls: type[Body]) -> tuple[Permission, Body, ChatRequest | NeutralCompletion]:
         permission = await require(Permission.API)
         raw = await read_json()
         body = structure_request(raw, cls, serving.current_state().preset)
-        request: ChatRequest | NeutralCompletion
         if isinstance(body, ChatCompletionRequest):
-            request = chat_request(body)
-        else:
-            request = completion_request(body)
-        rid = request_id()
+            return permission, body, chat_request(body)
+        return permission, body, completion_request(body)
+
+    async def begin(
+        permission: Permission,
+        body: Body,
+        request: ChatRequest | NeutralCompletion,
+        rid: str,
+        prefix: str,
+        label: str,
+    ) -> tuple[Generation, Answer]:
         generation = await serving.prepare(request, permission, rid, label=label)
         plan = generation.plan
         answer = Answer(
@@ -112,21 +124,34 @@ def blueprint(services: Services) -> quart.Blueprint:
             logprobs=bool(body.logprobs),
         )
         await generation.submit()
+        return generation, answer
+
+    async def respond(cls: type[Body], prefix: str, label: str, render: Render) -> Any:
+        permission, body, request = await receive(cls)
+        rid = request_id()
         stream = body.stream and not config.developer.disable_request_streaming
-        return stream, generation, answer
+        if stream and serving.switching():
+
+            async def produce(send: Handoff) -> None:
+                generation, answer = await begin(permission, body, request, rid, prefix, label)
+                async with generation.stream() as events:
+                    async for item in render(answer, events):
+                        await send.send(item)
+
+            return sse_response(while_loading(produce))
+        generation, answer = await begin(permission, body, request, rid, prefix, label)
+        if stream:
+            return sse_response(_stream_body(generation, answer, render))
+        if isinstance(body, ChatCompletionRequest):
+            return chat_response(answer, await generation.collect())
+        return completion_response(answer, await generation.collect())
 
     @bp.post("/v1/completions")
     async def completions() -> Any:
-        stream, generation, answer = await start(CompletionRequest, "cmpl", "completion")
-        if stream:
-            return sse_response(_stream_body(generation, answer, completion_chunks))
-        return completion_response(answer, await generation.collect())
+        return await respond(CompletionRequest, "cmpl", "completion", completion_chunks)
 
     @bp.post("/v1/chat/completions")
     async def chat_completions() -> Any:
-        stream, generation, answer = await start(ChatCompletionRequest, "chatcmpl", "chat")
-        if stream:
-            return sse_response(_stream_body(generation, answer, chat_chunks))
-        return chat_response(answer, await generation.collect())
+        return await respond(ChatCompletionRequest, "chatcmpl", "chat", chat_chunks)
 
     return bp
