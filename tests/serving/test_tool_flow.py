@@ -48,9 +48,11 @@ def stop(reason: str = "stop", stop_str: str | None = None) -> Finished:
     return Finished(reason, stop_str=stop_str)  # type: ignore[arg-type]
 
 
-def shape(options: ChatOptions, chunks: list[str]) -> tuple[str, str, ChoiceOutput]:
+def shape(
+    options: ChatOptions, chunks: list[str], finished: Finished | None = None
+) -> tuple[str, str, ChoiceOutput]:
     out = ChoiceOutput(options)
-    shown = [out.feed(c) for c in chunks] + [out.finish()]
+    shown = [out.feed(c) for c in chunks] + [out.finish(finished or stop())]
     return "".join(p.reasoning for p in shown), "".join(p.content for p in shown), out
 
 
@@ -105,17 +107,21 @@ def test_model_format_calls_and_content() -> None:
     assert out.message_content() == "Sure. "
 
 
-def test_forced_calls_hidden_until_parsed_and_kept_when_cut() -> None:
+def test_forced_calls_hidden_until_parsed_and_dropped_when_cut() -> None:
     options = ChatOptions("forced", tool_policy(TOOLS, "required"), "<tool_call>")
     text = '[{"name": "f", "arguments": {}}]'
     _, content, out = shape(options, [text[:5], text[5:]])
     assert content == ""
     assert out.message_content() is None
     assert out.calls[0].function.arguments == "{}"
-    # Cut by max_tokens: no calls, and the text is not lost.
+    # Cut by max_tokens: half a call is neither a call nor content.
+    _, content, out = shape(options, ['[{"name": "f", "argu'], stop("length"))
+    assert (content, out.calls, out.message_content()) == ("", (), "")
+    assert out.finish_reason(stop("length")) == "length"
+    # Ended otherwise without a valid call: the text is not lost.
     _, content, out = shape(options, ['[{"name": "f", "argu'])
     assert content == '[{"name": "f", "argu'
-    assert out.finish_reason(stop("length")) == "length"
+
 
 
 def test_template_second_pass() -> None:
@@ -133,7 +139,7 @@ def test_template_second_pass() -> None:
     expected = p.prompts[0].text + "Let me check. <tool_call>"
     assert job.prompt_ids == tuple(p.tokenizer.encode(expected, add_bos=p.chat.add_bos))
     out.add_tool_pass(ToolPass('[{"name": "f", "arguments": {"x": 2}}]', 12, stop()))
-    out.finish()
+    out.finish(finished)
     assert out.message_content() == "Let me check. "
     assert out.finish_reason(finished) == "tool_calls"
     assert out.extra_tokens == 12

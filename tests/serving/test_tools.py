@@ -14,6 +14,7 @@ import pytest
 from tabby.backends.constraints import ConstraintCompiler, validate
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest
+from tabby.serving.templating import build_variables
 from tabby.serving.tools import (
     ParsedCall,
     ToolStreamParser,
@@ -21,7 +22,6 @@ from tabby.serving.tools import (
     check_tool_messages,
     parse_tool_text,
     reassemble,
-    template_messages,
     tool_calls,
     tool_format,
     tool_policy,
@@ -321,9 +321,12 @@ def test_follow_up_turns() -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "3"},
     ]
     check_tool_messages(messages)
-    prepared = template_messages(messages)
+    prepared = build_variables(messages, bos_token=None, eos_token=None)["messages"]
+    # As Hugging Face templates expect: arguments as objects, content always a string,
+    # the tool's answer named after its function.
     assert prepared[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
-    assert "content" not in prepared[1]
+    assert prepared[1]["content"] == ""
+    assert prepared[2]["name"] == "add"
     with pytest.raises(InvalidRequest) as info:
         check_tool_messages([{"role": "tool", "content": "3"}])
     assert info.value.param == "messages[0].tool_call_id"
