@@ -264,11 +264,13 @@ class ToolStreamParser:
         self._held = ""
         if self._undecided:
             stripped = buf.lstrip()
-            if not stripped:
+            tags = self._fmt.start_tags
+            # "[" may open Mistral's [TOOL_CALLS] rather than a JSON array: wait and see.
+            if not stripped or any(t.startswith(stripped) and t != stripped for t in tags):
                 self._held = buf
                 return ""
             self._undecided = False
-            if stripped[0] in "{[":
+            if stripped[0] in "{[" and not stripped.startswith(tags):
                 self._open("", "")
                 return stripped
         hits = [(buf.find(tag), tag) for tag in self._fmt.start_tags if tag in buf]
