@@ -207,6 +207,26 @@ async def test_round_trip_with_every_template(nursery: trio.Nursery, tmp_path: P
     url = info.urls[0]
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     named = {"type": "function", "function": {"name": "get_weather"}}
+    # Without tool support in the template, a required call still comes (the tool prompt
+    # shows the tools); a loose-schema call cut off by max_tokens is "length", no content.
+    loose: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    ]
+    for stream in (False, True):
+        cut = await client.chat.completions.create(
+            model="m", messages=ASK, tools=loose, tool_choice="required", max_tokens=6,
+            temperature=0, stream=stream,
+        )  # fmt: skip
+        if stream:
+            chunks = [c async for c in cut]  # type: ignore[union-attr]
+            content = "".join(p.delta.content or "" for c in chunks for p in c.choices)
+            finish = [p.finish_reason for c in chunks for p in c.choices if p.finish_reason]
+            assert (content, finish) == ("", ["length"])
+        else:
+            choice = cut.choices[0]  # type: ignore[union-attr]
+            assert choice.finish_reason == "length"
+            assert not choice.message.content
+            assert choice.message.tool_calls is None
     for template in [None, *BUNDLED_TEMPLATES]:
         if template is not None:
             async with httpx.AsyncClient(base_url=url) as http:
