@@ -306,7 +306,10 @@ class ModelSettings:
     vision: bool = attrs.field(
         default=False, metadata=_doc("Load the vision tower when the model has one.")
     )
-    tool_format: str | None = _opt_str(None, "Tool-call parser name; unset = no tool-call parsing.")
+    tool_format: str | None = _opt_str(
+        None,
+        "Tool-call format (hermes, llama3, mistral, ...); unset = every known one, by its tags.",
+    )
     reasoning: bool = attrs.field(
         default=False, metadata=_doc("Split output into reasoning_content and content.")
     )

@@ -5,16 +5,20 @@ Resolved once per request by :func:`chat_options` from the request's ``tools`` /
 ``reasoning``, ``reasoning_start_token``, ``reasoning_end_token``) and the template's
 metadata (``tool_start``):
 
-* ``none``: no tool calls (``tool_choice: "none"``, no tools, or nothing to detect a
-  call with); tool-looking text stays content and ``tool_start`` is not a stop string.
+* ``none``: no tool calls (``tool_choice: "none"`` or no tools); tool-looking text stays
+  content and ``tool_start`` is not a stop string.
 * ``template``: ``auto`` with a template that declares ``tool_start``: the tag is a stop
   string; a choice that stops on it gets a second pass constrained by the calls'
   schema (prompt = rendered prompt + text so far + the tag).
-* ``format``: ``auto`` with a ``tool_format``: the model writes calls in its own format
-  and a :class:`~tabby.serving.tools.ToolStreamParser` per choice takes them out.
+* ``format``: ``auto`` otherwise: the model writes calls in its own format and a
+  :class:`~tabby.serving.tools.ToolStreamParser` per choice takes them out; the format
+  is the model's ``tool_format``, else ``auto`` (every known format, by its tags).
 * ``forced``: ``required`` or a named function: the prompt ends with the tool tag (the
-  template's ``tool_start`` or the format's first start tag, if any) and the calls'
-  schema constrains the answer from its first token.
+  template's ``tool_start`` or the start tag of the format the model writes calls in,
+  if known) and the calls' schema constrains the answer from its first token.
+
+A call cut short by the token limit is no call and no content: ``finish_reason`` says
+``length``.
 
 Reasoning is on when the model's settings say so, or when the rendered prompt ends
 inside an open reasoning tag (a template or ``response_prefix`` that pre-fills it);
@@ -31,7 +35,7 @@ from tabby.backends.constraints import ConstraintCompiler
 from tabby.config import ModelSettings
 from tabby.jobs import ConstraintSpec
 from tabby.serving.reasoning import DEFAULT_END, DEFAULT_START
-from tabby.serving.tools import ToolFormat, ToolPolicy, tool_format, tool_policy
+from tabby.serving.tools import FORMATS, ToolFormat, ToolPolicy, tool_format, tool_policy
 
 __all__ = [
     "ChatOptions",
@@ -94,20 +98,26 @@ def chat_options(
     parallel_tool_calls: bool | None,
     settings: ModelSettings,
     template_tool_start: str | None,
+    call_format: ToolFormat | None = None,
 ) -> ChatOptions:
-    """The tool mode (reasoning and the prompt-dependent parts are added by the caller)."""
+    """The tool mode (reasoning and the prompt-dependent parts are added by the caller).
+
+    ``call_format``: the format the model writes calls in, when known (see
+    :func:`tabby.serving.tools.prompt_format`).
+    """
     policy = tool_policy(tools, tool_choice, parallel_tool_calls)
     fmt = tool_format(settings.tool_format) if settings.tool_format else None
     if policy.mode == "none":
         return ChatOptions(policy=policy)
     if policy.mode == "required":
-        tag = template_tool_start or (fmt.start_tags[0] if fmt is not None else None)
+        known = fmt or call_format
+        tag = template_tool_start or (known.start_tags[0] if known is not None else None)
         return ChatOptions("forced", policy, tag, fmt)
     if fmt is not None:
         return ChatOptions("format", policy, None, fmt)
     if template_tool_start:
         return ChatOptions("template", policy, template_tool_start)
-    return ChatOptions(policy=policy)
+    return ChatOptions("format", policy, None, FORMATS["auto"])
 
 
 def with_prompt(

@@ -201,7 +201,7 @@ class Generation:
                 out = outputs[index]
                 if out.wants_tool_pass(event):
                     await run_tool_pass(plan, index, out)
-                tail = out.finish()
+                tail = out.finish(event)
                 if tail.content or tail.reasoning:
                     yield ChoiceText(index, tail.content or None, tail.reasoning or None)
                 calls = out.calls

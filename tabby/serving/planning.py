@@ -6,7 +6,8 @@ mapped it onto a :class:`~tabby.serving.requests.ChatRequest` or
 resolved the serving state. Then:
 
 * :func:`plan_completion` / :func:`plan_chat`: render the chat prompt with the model's
-   template (its metadata stop strings join the request's), tokenize (BOS as the request
+   template (its metadata stop strings join the request's; tools and earlier calls the
+   template would not show are written in, :mod:`tabby.serving.tools.prompt`), tokenize (BOS as the request
    or the tokenizer says), check that every prompt leaves room to generate
    (``ContextLengthExceeded`` before anything is queued or streamed; a completion that
    asks for it is trimmed from the front instead), and build one
@@ -45,7 +46,16 @@ from tabby.serving.state import ServingState
 from tabby.serving.structured import constrain_job, constraint_for, reasoning_end_for
 from tabby.serving.templating import build_variables, strip_leading_bos
 from tabby.serving.templating.environment import TemplateMetadata
-from tabby.serving.tools import check_tool_messages, template_messages
+from tabby.serving.tools import (
+    FORMATS,
+    ToolFormat,
+    check_tool_messages,
+    prompt_format,
+    tool_policy,
+    tool_prompt,
+    with_tool_prompt,
+    with_written_calls,
+)
 
 __all__ = [
     "GenerationPlan",
@@ -296,9 +306,6 @@ def _message_dict(message: ChatMessage, index: int, vision: bool) -> dict[str, A
     data: dict[str, Any] = attrs.asdict(message, recurse=True)
     if isinstance(content, tuple):
         data["content"] = [{"type": "text", "text": part.text} for part in content]
-    if data.get("tool_calls"):
-        # Templates get each call's arguments as an object, not JSON text.
-        data["tool_calls"] = template_messages([data])[0]["tool_calls"]
     return data
 
 
@@ -307,6 +314,31 @@ def _final_text(message: ChatMessage) -> str:
     if isinstance(content, tuple):
         return "\n".join(part.text or "" for part in content)
     return content or ""
+
+
+def _call_format(state: ServingState) -> ToolFormat | None:
+    template = state.template
+    assert template is not None
+    return prompt_format(
+        state.settings.tool_format, template.source, takes_tools=template.takes_tools
+    )
+
+
+def _with_tools_shown(
+    messages: list[dict[str, Any]], request: ChatRequest, state: ServingState
+) -> list[dict[str, Any]]:
+    """The messages with the tools and earlier calls written in where the template would
+    not show them (see :mod:`tabby.serving.tools.prompt`)."""
+    template = state.template
+    assert template is not None
+    fmt = _call_format(state) or FORMATS["hermes"]
+    if not template.takes_tools:
+        policy = tool_policy(request.tools, request.tool_choice, request.parallel_tool_calls)
+        if policy.mode != "none":
+            messages = with_tool_prompt(messages, tool_prompt(policy.tools, fmt))
+    if not template.renders_tool_calls:
+        messages = with_written_calls(messages, fmt)
+    return messages
 
 
 def render_chat(request: ChatRequest, state: ServingState) -> tuple[str, tuple[str, ...]]:
@@ -352,6 +384,7 @@ def render_chat_prompt(
         functions=request.functions,
         template_vars=dict(request.template_vars),
     )
+    variables["messages"] = _with_tools_shown(variables["messages"], request, state)
     rendered = template.render_with_metadata(variables)
     text = rendered.text
     if continuing:
@@ -403,6 +436,7 @@ def plan_chat(request: ChatRequest, state: ServingState, request_id: str) -> Gen
         parallel_tool_calls=request.parallel_tool_calls,
         settings=state.settings,
         template_tool_start=meta.tool_start,
+        call_format=_call_format(state),
     )
     stops = meta.stop_strings
     if options.tools == "template" and options.tool_start:

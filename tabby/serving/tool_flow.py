@@ -8,12 +8,13 @@ message::
     part = out.feed(text)                 # new reasoning / content to show
     if out.wants_tool_pass(finished):     # template way: stopped on tool_start
         await run_tool_pass(plan, index, out)   # the constrained second pass
-    part = out.finish()                   # held-back text; out.calls, out.finish_reason
+    part = out.finish(finished)           # held-back text; out.calls, out.finish_reason
 
 The modes are those of :class:`tabby.serving.chat_options.ChatOptions`. A forced call's text is
-never shown as content: it is the calls' JSON, parsed at the end. A second pass (or a
-forced pass) cut short by ``max_tokens`` yields no calls; its text then becomes content,
-so nothing is lost.
+never shown as content: it is the calls' JSON, parsed at the end. A call cut short by
+``max_tokens`` (a forced pass, a second pass, a model-format block) yields no calls and
+no content: half a call is neither, and ``finish_reason`` says ``length``. A pass that
+ended otherwise without valid calls has its text as content, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ class ChoiceOutput:
             else None
         )
         fmt = self._options.tool_format
+        policy = self._options.policy
+        # Only the request's functions are calls; any other "call" is the model's text.
+        names = frozenset(policy.names) if policy is not None else None
         self._parser = (
-            ToolStreamParser(fmt) if fmt is not None and self._options.tools == "format" else None
+            ToolStreamParser(fmt, names=names)
+            if fmt is not None and self._options.tools == "format"
+            else None
         )
         self._raw: list[str] = []
         self.reasoning: list[str] = []
@@ -99,16 +105,18 @@ class ChoiceOutput:
         self.extra_tokens += result.tokens
         self._pass_finished = result.finished
         self.calls = tool_calls(calls_from_constrained(result.text))
-        if not self.calls:
+        if not self.calls and result.finished.finish_reason != "length":
             self._raw.append(f"{self._options.tool_start or ''}{result.text}")
 
-    def finish(self) -> ReasoningPart:
-        """Release what was held back and settle the calls."""
+    def finish(self, finished: Finished) -> ReasoningPart:
+        """Release what was held back and settle the calls (``finished``: how the
+        choice's generation ended)."""
         options = self._options
+        cut_off = finished.finish_reason == "length"
         if options.tools == "forced":
             text = self.raw_text
             self.calls = tool_calls(calls_from_constrained(text))
-            if self.calls:
+            if self.calls or cut_off:
                 return ReasoningPart()
             self.content.append(text)
             return ReasoningPart("", text)
@@ -116,13 +124,14 @@ class ChoiceOutput:
         if self._splitter is not None:
             last = self._shown(self._splitter.finish())
             reasoning, content = last.reasoning, last.content
-        if self._pass_finished is not None and not self.calls:
+        passed = self._pass_finished
+        if passed is not None and not self.calls and passed.finish_reason != "length":
             # A second pass that gave no calls: its text is content.
             tail = self._raw[-1]
             self.content.append(tail)
             content += tail
         if self._parser is not None:
-            result = self._parser.finish()
+            result = self._parser.finish(cut_off=cut_off)
             self.calls = tool_calls(result.calls)
             self.content.append(result.content)
             content += result.content

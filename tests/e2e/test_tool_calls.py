@@ -21,7 +21,7 @@ import trio
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tabby.serving.tools import reassemble
-from tests.conftest import start_smollm2
+from tests.conftest import REPO, start_smollm2
 
 WEATHER_PARAMS: dict[str, Any] = {
     "type": "object",
@@ -190,4 +190,85 @@ async def test_tool_calls(nursery: trio.Nursery, tmp_path: Path) -> None:
             )
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == param
+    info.shutdown()
+
+
+BUNDLED_TEMPLATES = sorted(
+    path.relative_to(REPO / "templates").with_suffix("").as_posix()
+    for path in (REPO / "templates").rglob("*.jinja")
+)
+
+
+async def test_round_trip_with_every_template(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The assistant message goes back as the client built it (``content: None`` and
+    ``tool_calls``) with the tool's result, under the model's own template and every
+    bundled one, with or without tools and for every ``tool_choice``."""
+    info = await start_smollm2(nursery, tmp_path)  # the GGUF's own template
+    url = info.urls[0]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # Without tool support in the template, a required call still comes (the tool prompt
+    # shows the tools); a loose-schema call cut off by max_tokens is "length", no content.
+    loose: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    ]
+    for stream in (False, True):
+        cut = await client.chat.completions.create(
+            model="m", messages=ASK, tools=loose, tool_choice="required", max_tokens=6,
+            temperature=0, stream=stream,
+        )  # fmt: skip
+        if stream:
+            chunks = [c async for c in cut]  # type: ignore[union-attr]
+            content = "".join(p.delta.content or "" for c in chunks for p in c.choices)
+            finish = [p.finish_reason for c in chunks for p in c.choices if p.finish_reason]
+            assert (content, finish) == ("", ["length"])
+        else:
+            choice = cut.choices[0]  # type: ignore[union-attr]
+            assert choice.finish_reason == "length"
+            assert not choice.message.content
+            assert choice.message.tool_calls is None
+    for template in [None, *BUNDLED_TEMPLATES]:
+        if template is not None:
+            async with httpx.AsyncClient(base_url=url) as http:
+                switched = await http.post(
+                    "/v1/template/switch", json={"prompt_template_name": template}
+                )
+                assert switched.status_code == 200, switched.text
+        asked = await client.chat.completions.create(
+            model="m", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=60,
+            temperature=0,
+        )  # fmt: skip
+        message = asked.choices[0].message
+        assert message.content is None
+        assert message.tool_calls
+        # What a client appends: the message object itself, then the tool's answer.
+        history: list[Any] = [
+            *ASK,
+            message,
+            {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny, 24 C"},
+        ]
+        choices: list[dict[str, Any]] = [
+            {},
+            {"tools": TOOLS},
+            *({"tools": TOOLS, "tool_choice": c} for c in ("none", "auto", "required", named)),
+        ]
+        for extra in choices:
+            answer = await client.chat.completions.create(
+                model="m", messages=history, max_tokens=60, temperature=0, **extra
+            )
+            choice = answer.choices[0]
+            if extra.get("tool_choice") in ("required", named):
+                assert choice.finish_reason == "tool_calls", (template, extra, choice)
+            elif "tools" in extra and extra.get("tool_choice") != "none":
+                # The model may answer or call again (a call it did not finish in time is
+                # no content); never half a call as text.
+                message = choice.message
+                assert choice.finish_reason in ("stop", "length", "tool_calls"), (template, choice)
+                assert "<tool_call>" not in (message.content or ""), (template, choice)
+            else:
+                assert choice.finish_reason in ("stop", "length"), (template, extra, choice)
+                assert choice.message.tool_calls is None
+                # Under a template of another family the tiny ChatML model may end its
+                # turn at once; under its own it answers.
+                assert choice.message.content or template is not None, (extra, choice)
     info.shutdown()

@@ -52,9 +52,9 @@ GENERATION_PROMPT = {
 }
 STOPS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
-    "alpaca": ("### Instruction:", "### Input:", "### Response:"),
+    "alpaca": ("### Instruction:", "### Input:", "### Response:", "### Tool result:"),
     "llama3": ("<|eot_id|>", "<|eom_id|>", "<|start_header_id|>"),
-    "mistral": ("[INST]", "[/INST]"),
+    "mistral": ("[INST]", "[/INST]", "[TOOL_RESULTS]"),
 }
 
 
@@ -238,7 +238,7 @@ def test_build_variables() -> None:
     )
     assert out["messages"] == [
         {"role": "user", "content": "one\ntwo"},
-        {"role": "assistant", "tool_calls": [
+        {"role": "assistant", "content": "", "tool_calls": [
             {"id": "a", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
             {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}},
         ]},

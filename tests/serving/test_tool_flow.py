@@ -18,7 +18,7 @@ from tabby.jobs.events import Finished
 from tabby.serving.chat_options import ChatOptions, ReasoningTags, open_reasoning
 from tabby.serving.planning import plan_chat
 from tabby.serving.state import ServingState
-from tabby.serving.templating import load_named_template
+from tabby.serving.templating import compile_template, load_named_template
 from tabby.serving.tool_flow import ChoiceOutput, ToolPass, tool_pass_job
 from tabby.serving.tools import tool_format, tool_policy
 
@@ -48,9 +48,11 @@ def stop(reason: str = "stop", stop_str: str | None = None) -> Finished:
     return Finished(reason, stop_str=stop_str)  # type: ignore[arg-type]
 
 
-def shape(options: ChatOptions, chunks: list[str]) -> tuple[str, str, ChoiceOutput]:
+def shape(
+    options: ChatOptions, chunks: list[str], finished: Finished | None = None
+) -> tuple[str, str, ChoiceOutput]:
     out = ChoiceOutput(options)
-    shown = [out.feed(c) for c in chunks] + [out.finish()]
+    shown = [out.feed(c) for c in chunks] + [out.finish(finished or stop())]
     return "".join(p.reasoning for p in shown), "".join(p.content for p in shown), out
 
 
@@ -105,17 +107,21 @@ def test_model_format_calls_and_content() -> None:
     assert out.message_content() == "Sure. "
 
 
-def test_forced_calls_hidden_until_parsed_and_kept_when_cut() -> None:
+def test_forced_calls_hidden_until_parsed_and_dropped_when_cut() -> None:
     options = ChatOptions("forced", tool_policy(TOOLS, "required"), "<tool_call>")
     text = '[{"name": "f", "arguments": {}}]'
     _, content, out = shape(options, [text[:5], text[5:]])
     assert content == ""
     assert out.message_content() is None
     assert out.calls[0].function.arguments == "{}"
-    # Cut by max_tokens: no calls, and the text is not lost.
+    # Cut by max_tokens: half a call is neither a call nor content.
+    _, content, out = shape(options, ['[{"name": "f", "argu'], stop("length"))
+    assert (content, out.calls, out.message_content()) == ("", (), "")
+    assert out.finish_reason(stop("length")) == "length"
+    # Ended otherwise without a valid call: the text is not lost.
     _, content, out = shape(options, ['[{"name": "f", "argu'])
     assert content == '[{"name": "f", "argu'
-    assert out.finish_reason(stop("length")) == "length"
+
 
 
 def test_template_second_pass() -> None:
@@ -133,7 +139,7 @@ def test_template_second_pass() -> None:
     expected = p.prompts[0].text + "Let me check. <tool_call>"
     assert job.prompt_ids == tuple(p.tokenizer.encode(expected, add_bos=p.chat.add_bos))
     out.add_tool_pass(ToolPass('[{"name": "f", "arguments": {"x": 2}}]', 12, stop()))
-    out.finish()
+    out.finish(finished)
     assert out.message_content() == "Let me check. "
     assert out.finish_reason(finished) == "tool_calls"
     assert out.extra_tokens == 12
@@ -145,3 +151,32 @@ def test_forced_call_with_a_constraint_is_refused() -> None:
     assert info.value.param == "regex_pattern"
     plain = plan({"regex_pattern": "a+"}, state())
     assert attrs.evolve(plain.jobs[0].constraint, param=None).source == "a+"
+
+
+def test_tools_reach_a_template_without_tool_support(smollm2_metadata: dict[str, Any]) -> None:
+    """SmolLM2's own template knows nothing of tools: the tool prompt and the earlier
+    calls are written in, and every call format is looked for."""
+    st = attrs.evolve(
+        state(), template=compile_template("gguf", smollm2_metadata["tokenizer.chat_template"])
+    )
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    auto = plan({"tools": TOOLS, "messages": history}, st)
+    prompt = auto.prompts[0].text
+    assert prompt.startswith("<|im_start|>system\nYou can call these tools:\n<tools>\n")
+    assert '{"name": "f", "parameters": {"type": "object"}}' in prompt
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    ) in prompt
+    assert (auto.chat.tools, auto.chat.tool_format) == ("format", tool_format("auto"))
+    forced = plan({"tools": TOOLS, "tool_choice": "required"}, st)
+    assert forced.prompts[0].text.endswith("<|im_start|>assistant\n<tool_call>")
+    # tool_choice none: no tool prompt, but the earlier calls still show.
+    none = plan({"tools": TOOLS, "tool_choice": "none", "messages": history}, st)
+    assert "You can call" not in none.prompts[0].text
+    assert "<tool_call>" in none.prompts[0].text

@@ -14,17 +14,23 @@ import pytest
 from tabby.backends.constraints import ConstraintCompiler, validate
 from tabby.engine.tokenizer import EngineTokenizer
 from tabby.errors import InvalidRequest
+from tabby.serving.templating import build_variables
 from tabby.serving.tools import (
     ParsedCall,
     ToolStreamParser,
     calls_from_constrained,
     check_tool_messages,
+    hinted_format,
     parse_tool_text,
+    prompt_format,
     reassemble,
-    template_messages,
     tool_calls,
     tool_format,
     tool_policy,
+    tool_prompt,
+    with_tool_prompt,
+    with_written_calls,
+    written_calls,
 )
 
 WEATHER = {
@@ -321,9 +327,12 @@ def test_follow_up_turns() -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "3"},
     ]
     check_tool_messages(messages)
-    prepared = template_messages(messages)
+    prepared = build_variables(messages, bos_token=None, eos_token=None)["messages"]
+    # As Hugging Face templates expect: arguments as objects, content always a string,
+    # the tool's answer named after its function.
     assert prepared[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
-    assert "content" not in prepared[1]
+    assert prepared[1]["content"] == ""
+    assert prepared[2]["name"] == "add"
     with pytest.raises(InvalidRequest) as info:
         check_tool_messages([{"role": "tool", "content": "3"}])
     assert info.value.param == "messages[0].tool_call_id"
@@ -331,3 +340,82 @@ def test_follow_up_turns() -> None:
     with pytest.raises(InvalidRequest) as info:
         check_tool_messages([bad_call])
     assert info.value.param == "messages[0].tool_calls[0].function.name"
+
+
+def test_auto_format_reads_every_family() -> None:
+    auto = tool_format("auto")
+    cases = {
+        '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call> after': ("f", " after"),
+        '{"name": "f", "parameters": {"a": 1}}': ("f", ""),
+        '<|python_tag|>{"name": "f", "parameters": {"a": 1}}': ("f", ""),
+        '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}]': ("f", ""),
+        '[TOOL_CALLS]f[ARGS]{"a": 1}': ("f", ""),
+    }
+    for text, (name, content) in cases.items():
+        # Fed one character at a time: tags split anywhere still open their block.
+        parser = ToolStreamParser(auto, names=frozenset({"f"}))
+        shown = "".join(parser.feed(ch) for ch in text)
+        result = parser.finish()
+        assert [(c.name, c.arguments) for c in result.calls] == [(name, {"a": 1})], text
+        assert shown + result.content == content, text
+    # A JSON answer, or a call of a function not offered, is content.
+    for text in ('[1, 2]', '{"name": "Bob", "age": 3}', "[not json"):
+        parser = ToolStreamParser(auto, names=frozenset({"f"}))
+        shown = parser.feed(text)
+        result = parser.finish()
+        assert (shown + result.content, result.calls) == (text, ()), text
+
+
+def test_a_call_cut_off_is_dropped() -> None:
+    auto = tool_format("auto")
+    for text, kept in (
+        ('Sure. <tool_call>{"name": "f", "argu', "Sure. "),
+        ('{"name": "f", "parameters": {"a"', ""),
+        ('[TOOL_CALLS] [{"name": "f"', ""),
+        ('{"answer": 4', '{"answer": 4'),  # JSON that is no call stays the answer
+    ):
+        parser = ToolStreamParser(auto)
+        shown = parser.feed(text)
+        result = parser.finish(cut_off=True)
+        assert (shown + result.content, result.calls) == (kept, ()), text
+        # Not cut off: nothing is lost.
+        parser = ToolStreamParser(auto)
+        assert parser.feed(text) + parser.finish().content == text
+
+
+def test_hinted_format_and_prompt_format() -> None:
+    assert hinted_format("... <tool_call> ...") == tool_format("hermes")
+    assert hinted_format("{{ '[TOOL_CALLS]' }}") == tool_format("mistral")
+    assert hinted_format("<|start_header_id|>ipython") == tool_format("llama3")
+    assert hinted_format("{{ message.content }}") is None
+    assert prompt_format("mistral", "<tool_call>", takes_tools=True) == tool_format("mistral")
+    assert prompt_format(None, "<tool_call>", takes_tools=True) == tool_format("hermes")
+    assert prompt_format(None, "{{ tools }}", takes_tools=True) is None
+    assert prompt_format(None, "plain", takes_tools=False) == tool_format("hermes")
+
+
+def test_tool_prompt_and_written_calls() -> None:
+    policy = tool_policy(
+        [{"type": "function", "function": {"name": "add", "description": "Adds",
+                                            "parameters": {"type": "object"}}}]
+    )  # fmt: skip
+    block = tool_prompt(policy.tools, tool_format("hermes"))
+    assert '{"name": "add", "description": "Adds", "parameters": {"type": "object"}}' in block
+    assert '<tool_call>\n{"name": "<tool name>"' in block
+    assert "[TOOL_CALLS]" in tool_prompt(policy.tools, tool_format("mistral"))
+    messages = [{"role": "user", "content": "hi"}]
+    assert with_tool_prompt(messages, "B") == [
+        {"role": "system", "content": "B"}, {"role": "user", "content": "hi"}
+    ]  # fmt: skip
+    system = [{"role": "system", "content": "Be brief."}, *messages]
+    assert with_tool_prompt(system, "B")[0] == {"role": "system", "content": "Be brief.\n\nB"}
+    call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    written = with_written_calls([turn], tool_format("hermes"))[0]
+    assert written["content"] == '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    assert written_calls([("add", {"a": 1})], tool_format("llama3")) == (
+        '{"name": "add", "parameters": {"a": 1}}'
+    )
+    assert written_calls([("add", {})], tool_format("mistral")) == (
+        '[TOOL_CALLS][{"name": "add", "arguments": {}}]'
+    )

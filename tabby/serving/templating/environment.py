@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import attrs
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 import jinja2.sandbox
@@ -117,6 +118,11 @@ class PromptTemplate:
     name: str
     source: str = attrs.field(repr=False)
     compiled: jinja2.Template = attrs.field(repr=False, eq=False)
+    # Whether the template reads the request's ``tools`` (else they are described in a
+    # system prompt of our own) and renders an assistant turn's ``tool_calls`` (else they
+    # are written into its content). Read from the source, once.
+    takes_tools: bool = False
+    renders_tool_calls: bool = False
 
     def render(self, variables: Mapping[str, Any]) -> str:
         """The prompt text for ``variables`` (see :func:`build_variables`)."""
@@ -165,10 +171,18 @@ def _read_metadata(module: Any) -> TemplateMetadata:
 
 def compile_template(name: str, source: str) -> PromptTemplate:
     """Compile ``source``; a syntax error becomes :class:`TemplateError` naming ``name``."""
+    env = make_environment()
     try:
-        compiled = make_environment().from_string(source)
+        tree = env.parse(source)
+        compiled = env.from_string(tree)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             f"template '{name}' does not compile: {exc.message} (line {exc.lineno})"
         ) from None
-    return PromptTemplate(name=name, source=source, compiled=compiled)
+    return PromptTemplate(
+        name=name,
+        source=source,
+        compiled=compiled,
+        takes_tools="tools" in jinja2.meta.find_undeclared_variables(tree),
+        renders_tool_calls="tool_calls" in source,
+    )

@@ -3,7 +3,11 @@
 Templates are written for Hugging Face's ``apply_chat_template``, so messages are
 plain dicts without null fields, multi-part text content is one string, and tool-call
 arguments are objects (templates iterate them) rather than the JSON strings of the
-OpenAI wire format.
+OpenAI wire format. Every message has a ``content`` string: an assistant turn that only
+calls tools arrives from clients as ``content: null``, and templates concatenate
+``message['content']`` without checking for it, so it becomes ``""``. A ``tool``
+message without a ``name`` gets the name of the function whose call it answers (some
+templates print it).
 """
 
 from __future__ import annotations
@@ -65,23 +69,43 @@ def _prepare_message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, Mapping):
         raise InvalidRequest("a message must be an object", param=f"messages[{index}]")
     prepared: dict[str, Any] = _drop_nulls(message)
-    if "content" in prepared:
-        prepared["content"] = _flatten_content(prepared["content"], index)
+    prepared["content"] = _flatten_content(prepared.get("content", ""), index)
     if isinstance(prepared.get("tool_calls"), list):
         prepared["tool_calls"] = [_parse_arguments(tc) for tc in prepared["tool_calls"]]
     return prepared
 
 
+def _call_names(calls: Any) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for call in calls or ():
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping) and isinstance(call.get("id"), str):
+            name = function.get("name")
+            if isinstance(name, str):
+                names[call["id"]] = name
+    return names
+
+
+def _named(message: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    name = names.get(message.get("tool_call_id", ""))
+    if "name" in message or name is None:
+        return message
+    return {**message, "name": name}
+
+
 def _order_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Put each run of tool results in the order of the assistant's tool calls."""
+    """Put each run of tool results in the order of the assistant's tool calls, each
+    named after the function it answers."""
     out: list[dict[str, Any]] = []
     order: dict[str, int] = {}
+    names: dict[str, str] = {}
     i = 0
     while i < len(messages):
         message = messages[i]
         if message.get("role") != "tool":
             if message.get("role") == "assistant":
                 calls = message.get("tool_calls") or []
+                names = _call_names(calls)
                 order = {
                     tc["id"]: n
                     for n, tc in enumerate(calls)
@@ -93,7 +117,7 @@ def _order_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         run_end = i
         while run_end < len(messages) and messages[run_end].get("role") == "tool":
             run_end += 1
-        run = messages[i:run_end]
+        run = [_named(m, names) for m in messages[i:run_end]]
         # Stable sort: results with unknown ids keep their place after known ones.
         out.extend(sorted(run, key=lambda m: order.get(m.get("tool_call_id", ""), len(order))))
         i = run_end

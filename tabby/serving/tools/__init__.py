@@ -4,6 +4,8 @@
   ``ToolPolicy`` (mode, forced function, the calls' JSON schema and constraint).
 * :mod:`tabby.serving.tools.parsers`: ``ToolStreamParser(tool_format(name))`` splits streamed
   text into content and tool calls for the Hermes/Qwen, Llama 3 and Mistral formats.
+* :mod:`tabby.serving.tools.prompt`: the tools and earlier calls written into the prompt
+  for a template that does not show them itself.
 * :mod:`tabby.serving.tools.shaping`: ``ToolCall`` with ``call_<24 hex>`` ids, stream deltas,
   and checks for follow-up turns.
 """
@@ -14,11 +16,19 @@ from tabby.serving.tools.parsers import (
     ToolFormat,
     ToolParseResult,
     ToolStreamParser,
+    hinted_format,
     parse_calls_json,
     parse_tool_text,
     tool_format,
 )
 from tabby.serving.tools.policy import FunctionTool, ToolMode, ToolPolicy, tool_policy
+from tabby.serving.tools.prompt import (
+    prompt_format,
+    tool_prompt,
+    with_tool_prompt,
+    with_written_calls,
+    written_calls,
+)
 from tabby.serving.tools.shaping import (
     FunctionCall,
     ToolCall,
@@ -26,7 +36,6 @@ from tabby.serving.tools.shaping import (
     check_tool_messages,
     new_call_id,
     reassemble,
-    template_messages,
     tool_calls,
 )
 
@@ -43,12 +52,17 @@ __all__ = [
     "ToolStreamParser",
     "calls_from_constrained",
     "check_tool_messages",
+    "hinted_format",
     "new_call_id",
     "parse_calls_json",
     "parse_tool_text",
+    "prompt_format",
     "reassemble",
-    "template_messages",
     "tool_calls",
     "tool_format",
     "tool_policy",
+    "tool_prompt",
+    "with_tool_prompt",
+    "with_written_calls",
+    "written_calls",
 ]

@@ -20,8 +20,14 @@ Formats (``tool_format`` per model; aliases in parentheses):
   A reply that starts with JSON but is not a call stays content.
 * ``mistral`` (``mistral_old``): ``[TOOL_CALLS]`` then a JSON array of calls, or the newer
   ``[TOOL_CALLS]name[ARGS]{...}`` (repeated for parallel calls); runs to the end.
+* ``auto``: all of the above, each by its own tag (a reply that opens with JSON is read
+  as Llama 3's); for models whose format nobody configured. ``hinted_format(source)``
+  names the format a chat template writes, by the tags in it.
 
-Text that fails to parse is returned as content (nothing is lost, nothing raises).
+Text that fails to parse is returned as content (nothing is lost, nothing raises),
+except the unfinished call of a reply cut short (``finish(cut_off=True)``): it is
+dropped, as half a call is neither content nor a call. With ``names``, a block that
+calls a function not among them is content too.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "ToolFormat",
     "ToolParseResult",
     "ToolStreamParser",
+    "hinted_format",
     "parse_calls_json",
     "parse_tool_text",
     "tool_format",
@@ -62,6 +69,12 @@ class ToolFormat:
     end_tag: str | None
     parse: Callable[[str], list[ParsedCall]]  # one block (tags removed); ValueError if bad
     leading_json: bool = False  # a reply that opens with { or [ is tool text
+    # Per opening tag ("" for leading JSON), the format a block follows when it is not
+    # this one's own (the ``auto`` format's members).
+    variants: Mapping[str, ToolFormat] = attrs.field(factory=dict, repr=False)
+
+    def block_format(self, tag: str) -> ToolFormat:
+        return self.variants.get(tag, self)
 
 
 @attrs.frozen
@@ -146,8 +159,23 @@ _HERMES = ToolFormat("hermes", ("<tool_call>",), "</tool_call>", parse_calls_jso
 _LLAMA3 = ToolFormat("llama3", ("<|python_tag|>",), None, parse_calls_json, leading_json=True)
 _MISTRAL = ToolFormat("mistral", ("[TOOL_CALLS]",), None, _parse_mistral)
 
+_AUTO = ToolFormat(
+    "auto",
+    ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>"),
+    None,
+    parse_calls_json,
+    leading_json=True,
+    variants={
+        "<tool_call>": _HERMES,
+        "[TOOL_CALLS]": _MISTRAL,
+        "<|python_tag|>": _LLAMA3,
+        "": _LLAMA3,
+    },
+)
+
 FORMATS: Mapping[str, ToolFormat] = MappingProxyType(
     {
+        "auto": _AUTO,
         "hermes": _HERMES,
         "qwen2_5": _HERMES,
         "qwen": _HERMES,
@@ -173,6 +201,27 @@ def tool_format(name: str) -> ToolFormat:
     return fmt
 
 
+# Tags that tell which format a chat template writes its calls in, most telling first.
+_HINTS: tuple[tuple[str, ToolFormat], ...] = (
+    ("<tool_call>", _HERMES),
+    ("[TOOL_CALLS]", _MISTRAL),
+    ("<|python_tag|>", _LLAMA3),
+    ("ipython", _LLAMA3),
+)
+
+
+def hinted_format(template_source: str) -> ToolFormat | None:
+    """The format a chat template's own tool calls are written in, if its text says."""
+    for marker, fmt in _HINTS:
+        if marker in template_source:
+            return fmt
+    return None
+
+
+# The start of an untagged block that is a call rather than a JSON answer.
+_CALL_START = re.compile(r'\s*\[?\s*\{\s*"(name|function)"')
+
+
 # -- the streaming splitter ----------------------------------------------------------------
 
 
@@ -190,8 +239,9 @@ def _held_tail(text: str, tags: tuple[str, ...]) -> int:
 class ToolStreamParser:
     """Splits streamed text into content and tool blocks (one per choice; not thread-safe)."""
 
-    def __init__(self, fmt: ToolFormat) -> None:
+    def __init__(self, fmt: ToolFormat, *, names: frozenset[str] | None = None) -> None:
         self._fmt = fmt
+        self._names = names
         self._held = ""  # content that may be the start of a tag
         self._block: str | None = None  # the open tool block's text
         self._block_tag = ""
@@ -214,11 +264,13 @@ class ToolStreamParser:
         self._held = ""
         if self._undecided:
             stripped = buf.lstrip()
-            if not stripped:
+            tags = self._fmt.start_tags
+            # "[" may open Mistral's [TOOL_CALLS] rather than a JSON array: wait and see.
+            if not stripped or any(t.startswith(stripped) and t != stripped for t in tags):
                 self._held = buf
                 return ""
             self._undecided = False
-            if stripped[0] in "{[":
+            if stripped[0] in "{[" and not stripped.startswith(tags):
                 self._open("", "")
                 return stripped
         hits = [(buf.find(tag), tag) for tag in self._fmt.start_tags if tag in buf]
@@ -238,7 +290,7 @@ class ToolStreamParser:
     def _feed_block(self, text: str) -> str:
         assert self._block is not None
         block = self._block + text
-        end = self._fmt.end_tag
+        end = self._fmt.block_format(self._block_tag).end_tag
         at = block.find(end) if end else -1
         if at < 0:
             self._block = block
@@ -248,19 +300,28 @@ class ToolStreamParser:
         self._block = None
         return block[at + len(end) :] or ""
 
-    def finish(self) -> ToolParseResult:
-        """End of generation: parse the tool blocks."""
+    def finish(self, *, cut_off: bool = False) -> ToolParseResult:
+        """End of generation: parse the tool blocks. ``cut_off``: the reply ran into its
+        token limit, so a block still open is an unfinished call."""
         content = [self._held]
         self._held = ""
+        last_open = self._block is not None
         if self._block is not None:
             self._blocks.append((self._block_tag, self._block, False))
             self._block = None
         calls: list[ParsedCall] = []
-        for tag, text, closed in self._blocks:
+        for i, (tag, text, closed) in enumerate(self._blocks):
+            fmt = self._fmt.block_format(tag)
             try:
-                calls.extend(self._fmt.parse(text))
+                parsed = fmt.parse(text)
+                if self._names is not None and any(c.name not in self._names for c in parsed):
+                    raise ValueError("a call to a function the request does not offer")
+                calls.extend(parsed)
             except ValueError:
-                closing = (self._fmt.end_tag or "") if closed else ""
+                unfinished = cut_off and last_open and i == len(self._blocks) - 1
+                if unfinished and (tag or _CALL_START.match(text)):
+                    continue
+                closing = (fmt.end_tag or "") if closed else ""
                 content.append(tag + text + closing)
         tagged = any(tag for tag, _, _ in self._blocks) or bool(calls)
         return ToolParseResult("".join(content), tuple(calls), tagged)

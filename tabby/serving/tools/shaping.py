@@ -12,13 +12,12 @@ a client does; the tests use it to compare streaming with non-streaming).
 
 Follow-up turns: ``check_tool_messages(messages)`` raises ``InvalidRequest`` naming the
 message for a ``tool`` message without ``tool_call_id`` or an assistant tool call
-without a function name; ``template_messages(messages)`` gives plain dicts for the
-template, with each call's ``arguments`` JSON string decoded to an object.
+without a function name. What the template sees of them is
+:func:`tabby.serving.templating.build_variables`'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +35,6 @@ __all__ = [
     "check_tool_messages",
     "new_call_id",
     "reassemble",
-    "template_messages",
     "tool_calls",
 ]
 
@@ -141,24 +139,3 @@ def check_tool_messages(messages: Sequence[Any]) -> None:
                     f"{where}.function.name: a function name is required",
                     param=f"{where}.function.name",
                 )
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Copies for the template: null fields dropped, call arguments decoded to objects."""
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        copy = {k: v for k, v in message.items() if v is not None}
-        if copy.get("tool_calls"):
-            copy["tool_calls"] = [_decoded(call) for call in copy["tool_calls"]]
-        out.append(copy)
-    return out
-
-
-def _decoded(call: Mapping[str, Any]) -> dict[str, Any]:
-    function = dict(call.get("function") or {})
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        # Text that is not JSON is kept: the template still sees what was sent.
-        with contextlib.suppress(json.JSONDecodeError):
-            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-    return {**call, "function": function}
