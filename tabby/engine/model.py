@@ -14,7 +14,7 @@ layout and are fused here: q/k/v into one matrix, gate/up into another.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from tabby.engine.config import ModelConfig, RopeScaling
 
 __all__ = [
+    "INT4_GROUP",
     "INT8_KERNEL_MAX_ROWS",
     "AttentionGroup",
     "ForwardBatch",
@@ -32,6 +33,7 @@ __all__ = [
     "ModelWeights",
     "build_weights",
     "forward",
+    "int4_supported",
     "linear",
     "make_linear",
     "rms_norm",
@@ -42,21 +44,85 @@ __all__ = [
 # running a float matmul (measured on AVX-512 bf16: ~2x at 1 row, even at ~48).
 INT8_KERNEL_MAX_ROWS = 32
 
+# Inputs per int4 scale/zero pair: the block size of GGUF's Q4_0/Q4_1 and of Q4_K's
+# sub-blocks, so a matrix read from those formats keeps its values.
+INT4_GROUP = 32
+# The CPU int4 kernel packs output rows in tiles of this many.
+_INT4_TILE = 64
+
 
 @attrs.frozen
 class Linear:
-    """A weight matrix [out, in]: floats, or int8 rows with one scale per row."""
+    """A weight matrix [out, in]: floats, int8 rows with one scale per row, or int4
+    with a scale and zero per group of ``INT4_GROUP`` inputs."""
 
     weight: Tensor | None  # [out, in] compute dtype; None when quantized
     q8: Tensor | None = None  # [out, in] int8
     scale: Tensor | None = None  # [out] compute dtype
     bias: Tensor | None = None  # [out]
+    q4: Tensor | None = None  # [out, in / 2] uint8 in the CPU int4 kernel's tile layout
+    q4_sz: Tensor | None = None  # [in / G, out, 2] bf16: scale, zero; w = (q - 8) * scale + zero
 
     @property
     def out_features(self) -> int:
-        w = self.weight if self.weight is not None else self.q8
-        assert w is not None
-        return int(w.shape[0])
+        if self.weight is not None:
+            return int(self.weight.shape[0])
+        if self.q8 is not None:
+            return int(self.q8.shape[0])
+        assert self.q4_sz is not None
+        return int(self.q4_sz.shape[1])
+
+
+def int4_supported(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a [out, in] matrix can be held as int4: the kernel is bf16 on CPU only."""
+    out, inp = shape
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and out % _INT4_TILE == 0
+        and inp % INT4_GROUP == 0
+    )
+
+
+def _unpack_int4(packed: Tensor, inp: int) -> Tensor:
+    """The kernel's packed weight back to values 0..15: [out, in / 2] -> [out, in] uint8.
+
+    Each tile of 64 output rows stores, for every 4 inputs, 4 runs of 32 bytes: the low
+    nibble holds rows 0-31 of the tile, the high nibble rows 32-63.
+    """
+    tiles = packed.numel() * 2 // (_INT4_TILE * inp)
+    p = packed.view(tiles, inp // 4, 4, 32)  # [tiles, in/4, 4, 32]
+    nib = torch.stack([p & 15, p >> 4], dim=3)  # [tiles, in/4, 4, 2, 32]
+    return nib.permute(0, 3, 4, 1, 2).reshape(tiles * _INT4_TILE, inp)  # [out, in]
+
+
+def _int4_dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
+    """The int4 matrix as floats [out, in], for many-row products (prefill)."""
+    assert lin.q4 is not None
+    assert lin.q4_sz is not None
+    groups, out, _ = lin.q4_sz.shape
+    q = _unpack_int4(lin.q4, groups * INT4_GROUP).view(out, groups, INT4_GROUP)
+    sz = lin.q4_sz.transpose(0, 1).to(dtype)  # [out, in/G, 2]
+    w = (q.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]  # [out, in/G, G]
+    return w.view(out, groups * INT4_GROUP)
+
+
+def _quantize_int4(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Asymmetric int4 per group: values [out, in] int32 0..15 and scale/zero [in/G, out, 2].
+
+    Min and max of each group land on 0 and 15, which is how GGUF's Q4_1 is made: such
+    a matrix comes back with the values it was stored with, up to the bf16 scales.
+    """
+    out, inp = wf.shape
+    g = wf.view(out, inp // INT4_GROUP, INT4_GROUP)  # [out, in/G, G]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [out, in/G]
+    # Scales rounded to the kernel's dtype first, so the values are chosen against them.
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(dtype)
+    zero = (lo + 8 * scale.float()).to(dtype)
+    base = zero.float() - 8 * scale.float()
+    q = ((g - base.unsqueeze(-1)) / scale.float().unsqueeze(-1)).round_().clamp_(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in/G, out, 2]
+    return q.view(out, inp).to(torch.int32), sz
 
 
 def make_linear(
@@ -65,9 +131,18 @@ def make_linear(
     dtype: torch.dtype,
     device: torch.device,
     int8: bool = False,
+    int4: bool = False,
     bias: Tensor | None = None,
 ) -> Linear:
+    """``int4`` (where :func:`int4_supported`) wins over ``int8``; a matrix the int4
+    kernel cannot take falls back to int8 when ``int8`` is set, floats otherwise."""
     b = None if bias is None else bias.to(device=device, dtype=dtype)
+    if int4 and int4_supported(tuple(w.shape), dtype, device):
+        q, sz = _quantize_int4(w.to(device=device, dtype=torch.float32), dtype)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # The tile layout is torch's own: prefill reads it back, so check it still is.
+        if torch.equal(_unpack_int4(packed, int(w.shape[1])), q.to(torch.uint8)):
+            return Linear(None, bias=b, q4=packed, q4_sz=sz)
     if not int8:
         return Linear(w.to(device=device, dtype=dtype).contiguous(), bias=b)
     wf = w.to(device=device, dtype=torch.float32)
@@ -82,6 +157,15 @@ def linear(x: Tensor, lin: Linear) -> Tensor:
     """x [T, in] -> [T, out]."""
     if lin.weight is not None:
         return F.linear(x, lin.weight, lin.bias)
+    if lin.q4 is not None:
+        assert lin.q4_sz is not None
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.contiguous(), lin.q4, INT4_GROUP, lin.q4_sz
+            )
+        else:
+            y = F.linear(x, _int4_dequantize(lin, x.dtype))
+        return y if lin.bias is None else y + lin.bias
     assert lin.q8 is not None
     assert lin.scale is not None
     if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
@@ -166,6 +250,7 @@ def build_weights(
     device: torch.device,
     max_positions: int,
     int8: bool = False,
+    int4: Collection[str] = (),
     consume: bool = False,
     on_layer: Callable[[int], None] | None = None,
 ) -> ModelWeights:
@@ -174,16 +259,20 @@ def build_weights(
     ``consume``: remove each tensor from ``weights`` (a dict) once converted.
 
     ``int8``: hold every matrix as weight-only int8 (per-row scales); activations
-    stay in ``dtype``.
+    stay in ``dtype``. With it, the matrices whose every source tensor is named in
+    ``int4`` (those the checkpoint stores with 4 bits) are held as int4 where the
+    kernel allows: half the bytes to read per token, and no precision lost.
     """
 
     _w = _take(weights, consume)
+    four_bit = frozenset(int4) if int8 else frozenset()
 
     def cvt(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
-    def lin(t: Tensor, bias: Tensor | None = None) -> Linear:
-        return make_linear(t, dtype=dtype, device=device, int8=int8, bias=bias)
+    def lin(t: Tensor, bias: Tensor | None = None, *names: str) -> Linear:
+        q4 = bool(names) and four_bit.issuperset(names)
+        return make_linear(t, dtype=dtype, device=device, int8=int8, int4=q4, bias=bias)
 
     # The attention scale is folded into the query rows (exact for power-of-two head
     # sizes, and one multiply fewer per layer at run time).
@@ -191,23 +280,26 @@ def build_weights(
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        qkv = [_w(p + f"self_attn.{n}_proj.weight").float() for n in ("q", "k", "v")]
+        qkv_names = [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
+        gate_up_names = [p + f"mlp.{n}_proj.weight" for n in ("gate", "up")]
+        qkv = [_w(n).float() for n in qkv_names]
         wqkv = torch.cat([qkv[0] * scale, qkv[1], qkv[2]], dim=0)
         bqkv = None
         if config.attention_bias:
             b = [_w(p + f"self_attn.{n}_proj.bias").float() for n in ("q", "k", "v")]
             bqkv = torch.cat([b[0] * scale, b[1], b[2]])
-        gate_up = torch.cat(
-            [_w(p + "mlp.gate_proj.weight"), _w(p + "mlp.up_proj.weight")], dim=0
-        )
+        gate_up = torch.cat([_w(n) for n in gate_up_names], dim=0)
+        wo, down = p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"
         layers.append(
             LayerWeights(
                 attn_norm=cvt(_w(p + "input_layernorm.weight")),
-                wqkv=lin(wqkv, bqkv),
-                wo=lin(_w(p + "self_attn.o_proj.weight")),
+                # The 1/sqrt(D) folded into q is a power of two for the usual head
+                # sizes: q's 4-bit values survive it.
+                wqkv=lin(wqkv, bqkv, *qkv_names),
+                wo=lin(_w(wo), None, wo),
                 mlp_norm=cvt(_w(p + "post_attention_layernorm.weight")),
-                w_gate_up=lin(gate_up),
-                w_down=lin(_w(p + "mlp.down_proj.weight")),
+                w_gate_up=lin(gate_up, None, *gate_up_names),
+                w_down=lin(_w(down), None, down),
             )
         )
         if on_layer is not None:
@@ -215,9 +307,9 @@ def build_weights(
     raw_embed = _w("model.embed_tokens.weight")
     embed = cvt(raw_embed)
     if config.tie_word_embeddings or "lm_head.weight" not in weights:
-        lm_head = lin(raw_embed) if int8 else Linear(embed)
+        lm_head = lin(raw_embed, None, "model.embed_tokens.weight") if int8 else Linear(embed)
     else:
-        lm_head = lin(_w("lm_head.weight"))
+        lm_head = lin(_w("lm_head.weight"), None, "lm_head.weight")
     del raw_embed
     cos, sin = rope_tables(config, max_positions, device=device)
     return ModelWeights(
