@@ -60,8 +60,13 @@ class Linear:
     q8: Tensor | None = None  # [out, in] int8
     scale: Tensor | None = None  # [out] compute dtype
     bias: Tensor | None = None  # [out]
-    q4: Tensor | None = None  # [out, in / 2] uint8 in the CPU int4 kernel's tile layout
-    q4_sz: Tensor | None = None  # [in / G, out, 2] bf16: scale, zero; w = (q - 8) * scale + zero
+    # int4 values q in 0..15 and w = (q - 8) * scale + zero, held twice: packed for the
+    # kernel (its layout is torch's own) and two to a byte in row order for prefill.
+    q4: Tensor | None = None  # [out, in / 2] uint8, the kernel's layout
+    q4_sz: Tensor | None = None  # [in / G, out, 2] bf16: scale, zero
+    q4_rows: Tensor | None = None  # [out, in / 2] uint8: inputs k (low), in / 2 + k (high)
+    q4_scale: Tensor | None = None  # [out, in / G, 1] bf16
+    q4_base: Tensor | None = None  # [out, in / G, 1] bf16: zero - 8 * scale
 
     @property
     def out_features(self) -> int:
@@ -76,35 +81,31 @@ class Linear:
 def int4_supported(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a [out, in] matrix can be held as int4: the kernel is bf16 on CPU only."""
     out, inp = shape
+    # Whole groups in each half of a row, for the prefill copy's nibble order.
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
         and out % _INT4_TILE == 0
-        and inp % INT4_GROUP == 0
+        and inp % (2 * INT4_GROUP) == 0
     )
-
-
-def _unpack_int4(packed: Tensor, inp: int) -> Tensor:
-    """The kernel's packed weight back to values 0..15: [out, in / 2] -> [out, in] uint8.
-
-    Each tile of 64 output rows stores, for every 4 inputs, 4 runs of 32 bytes: the low
-    nibble holds rows 0-31 of the tile, the high nibble rows 32-63.
-    """
-    tiles = packed.numel() * 2 // (_INT4_TILE * inp)
-    p = packed.view(tiles, inp // 4, 4, 32)  # [tiles, in/4, 4, 32]
-    nib = torch.stack([p & 15, p >> 4], dim=3)  # [tiles, in/4, 4, 2, 32]
-    return nib.permute(0, 3, 4, 1, 2).reshape(tiles * _INT4_TILE, inp)  # [out, in]
 
 
 def _int4_dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
     """The int4 matrix as floats [out, in], for many-row products (prefill)."""
-    assert lin.q4 is not None
-    assert lin.q4_sz is not None
-    groups, out, _ = lin.q4_sz.shape
-    q = _unpack_int4(lin.q4, groups * INT4_GROUP).view(out, groups, INT4_GROUP)
-    sz = lin.q4_sz.transpose(0, 1).to(dtype)  # [out, in/G, 2]
-    w = (q.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]  # [out, in/G, G]
-    return w.view(out, groups * INT4_GROUP)
+    assert lin.q4_rows is not None
+    assert lin.q4_scale is not None
+    assert lin.q4_base is not None
+    out, half = lin.q4_rows.shape
+    groups = lin.q4_scale.shape[1]
+    q = torch.empty(out, 2, half, dtype=torch.uint8, device=lin.q4_rows.device)  # [out, 2, in/2]
+    # Four bytes at a time: each nibble of a byte masked out in one int32 operation.
+    packed = lin.q4_rows.view(torch.int32)  # [out, in/8]
+    low, high = q[:, 0].view(torch.int32), q[:, 1].view(torch.int32)
+    torch.bitwise_and(packed, 0x0F0F0F0F, out=low)
+    torch.bitwise_right_shift(packed, 4, out=high).bitwise_and_(0x0F0F0F0F)
+    w = q.view(out, groups, INT4_GROUP).to(dtype)  # [out, in/G, G]
+    w.mul_(lin.q4_scale.to(dtype)).add_(lin.q4_base.to(dtype))
+    return w.view(out, half * 2)
 
 
 def _quantize_int4(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -140,9 +141,18 @@ def make_linear(
     if int4 and int4_supported(tuple(w.shape), dtype, device):
         q, sz = _quantize_int4(w.to(device=device, dtype=torch.float32), dtype)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # The tile layout is torch's own: prefill reads it back, so check it still is.
-        if torch.equal(_unpack_int4(packed, int(w.shape[1])), q.to(torch.uint8)):
-            return Linear(None, bias=b, q4=packed, q4_sz=sz)
+        half = q.shape[1] // 2
+        rows = (q[:, :half] | (q[:, half:] << 4)).to(torch.uint8)  # [out, in/2]
+        scale, zero = sz.transpose(0, 1).float().unbind(-1)  # [out, in/G] each
+        return Linear(
+            None,
+            bias=b,
+            q4=packed,
+            q4_sz=sz,
+            q4_rows=rows.contiguous(),
+            q4_scale=scale.to(dtype).unsqueeze(-1),
+            q4_base=(zero - 8 * scale).to(dtype).unsqueeze(-1),
+        )
     if not int8:
         return Linear(w.to(device=device, dtype=dtype).contiguous(), bias=b)
     wf = w.to(device=device, dtype=torch.float32)

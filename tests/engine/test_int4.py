@@ -45,7 +45,7 @@ def _q4_1_like(out: int, inp: int, seed: int) -> torch.Tensor:
 
 def _int4(w: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     lin = make_linear(w, dtype=BF16, device=CPU, int4=True, bias=bias)
-    assert lin.q4 is not None, "this torch's int4 tile layout changed: int4 fell back"
+    assert lin.q4 is not None, "int4 fell back"
     return lin
 
 
@@ -53,14 +53,14 @@ def test_int4_is_used_only_where_the_kernel_applies() -> None:
     assert int4_supported((128, 64), BF16, CPU)
     assert not int4_supported((128, 64), torch.float32, CPU)  # the fp32 kernel is slow
     assert not int4_supported((100, 64), BF16, CPU)  # not whole 64-row tiles
-    assert not int4_supported((128, 48), BF16, CPU)  # not whole groups
+    assert not int4_supported((128, 96), BF16, CPU)  # not whole groups in each half
     w = torch.randn(100, 64)
     assert make_linear(w, dtype=BF16, device=CPU, int8=True, int4=True).q8 is not None
     assert make_linear(w, dtype=BF16, device=CPU, int4=True).weight is not None
 
 
 def test_q4_1_values_survive_exactly() -> None:
-    w = _q4_1_like(192, 96, seed=1)
+    w = _q4_1_like(192, 128, seed=1)
     lin = _int4(w)
     assert lin.out_features == 192
     # Scale and zero are bf16 and zero = min + 8 d: the same values up to one rounding.
