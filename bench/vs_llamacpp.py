@@ -241,17 +241,18 @@ def main() -> None:
     print(f"load average before: {load_avg(load_before)}; after: {load_avg(load_after)}")
     print(f"median of {args.repeats} interleaved rounds, {args.new_tokens} new tokens per stream")
     print()
-    print(f"| {'':<28} | {'tabby engine':>14} | {'llama.cpp':>14} | {'ratio':>7} |")
-    print(f"|{'-' * 30}|{'-' * 16}|{'-' * 16}|{'-' * 9}|")
+    print(f"| {'':<28} | {'tabby engine':>14} | {'llama.cpp':>14} | {'ratio':>7} | rounds")
+    print(f"|{'-' * 30}|{'-' * 16}|{'-' * 16}|{'-' * 9}|{'-' * 8}")
     single = statistics.median(a for a, _ in samples["decode, 1 stream"])
     for name, _ in figures:
         rows = samples[name]
         a = statistics.median(x for x, _ in rows)
         theirs = [y for _, y in rows if y is not None]
         b = f"{statistics.median(theirs):.1f} tok/s" if theirs else "-"
-        ratio = (f"{statistics.median(x / y for x, y in rows if y is not None):.2f}x"
-                 if theirs else "-")
-        print(f"| {name:<28} | {a:>8.1f} tok/s | {b:>14} | {ratio:>7} |")
+        ratios = [x / y for x, y in rows if y is not None]
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"| {name:<28} | {a:>8.1f} tok/s | {b:>14} | {ratio:>7} | {each}")
     agg = statistics.median(a for a, _ in samples[f"decode, {STREAMS} streams (total)"])
     print()
     print(f"engine: {STREAMS} streams give {agg / single:.2f}x the single-stream rate")
