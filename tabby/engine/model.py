@@ -65,8 +65,8 @@ class Linear:
     q4: Tensor | None = None  # [out, in / 2] uint8, the kernel's layout
     q4_sz: Tensor | None = None  # [in / G, out, 2] bf16: scale, zero
     q4_rows: Tensor | None = None  # [out, in / 2] uint8: inputs k (low), in / 2 + k (high)
-    q4_scale: Tensor | None = None  # [out, in / G, 1] bf16
-    q4_base: Tensor | None = None  # [out, in / G, 1] bf16: zero - 8 * scale
+    q4_scale: Tensor | None = None  # [out, in / G, 1] fp32
+    q4_base: Tensor | None = None  # [out, in / G, 1] fp32: zero - 8 * scale
 
     @property
     def out_features(self) -> int:
@@ -103,9 +103,11 @@ def _int4_dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
     low, high = q[:, 0].view(torch.int32), q[:, 1].view(torch.int32)
     torch.bitwise_and(packed, 0x0F0F0F0F, out=low)
     torch.bitwise_right_shift(packed, 4, out=high).bitwise_and_(0x0F0F0F0F)
-    w = q.view(out, groups, INT4_GROUP).to(dtype)  # [out, in/G, G]
-    w.mul_(lin.q4_scale.to(dtype)).add_(lin.q4_base.to(dtype))
-    return w.view(out, half * 2)
+    # In fp32, as the kernel computes, and rounded to ``dtype`` once: the prompt's rows
+    # here and a cached prompt's last rows in the kernel must pick the same tokens.
+    w = q.view(out, groups, INT4_GROUP).float()  # [out, in/G, G]
+    w.mul_(lin.q4_scale).add_(lin.q4_base)
+    return w.view(out, half * 2).to(dtype)
 
 
 def _quantize_int4(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -150,8 +152,8 @@ def make_linear(
             q4=packed,
             q4_sz=sz,
             q4_rows=rows.contiguous(),
-            q4_scale=scale.to(dtype).unsqueeze(-1),
-            q4_base=(zero - 8 * scale).to(dtype).unsqueeze(-1),
+            q4_scale=scale.unsqueeze(-1),
+            q4_base=(zero - 8 * scale).unsqueeze(-1),
         )
     if not int8:
         return Linear(w.to(device=device, dtype=dtype).contiguous(), bias=b)

@@ -120,3 +120,27 @@ def test_int4_model_decodes_like_its_float_weights() -> None:
     # bf16 activations through 2 layers: the kernels round in different places.
     scale = want_logits.abs().max()
     assert (got_logits - want_logits).abs().max() < 0.03 * scale
+
+
+def test_prompt_in_one_chunk_or_kernel_sized_chunks_agrees() -> None:
+    # A long chunk runs the unpacked matrices, a short one the kernel: a prompt read from
+    # the prefix cache (only its tail computed) must give the logits of one computed whole.
+    mw = _weights(TinySpec(seed=12), int4=True)
+    c = mw.config
+    ids = [(7 * i + 3) % 300 for i in range(INT8_KERNEL_MAX_ROWS + 9)]
+
+    def kv() -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.zeros(c.num_layers, 32 * PAGE, c.num_kv_heads, c.head_dim, dtype=BF16)
+        return k, torch.zeros_like(k)
+
+    pages = list(range(32))
+    whole, _ = build_batch([SeqChunk(pages, 0, ids, True)], PAGE, CPU)
+    expected = forward(mw, whole, *kv())
+    cache = kv()
+    split = len(ids) - 5
+    head, _ = build_batch([SeqChunk(pages, 0, ids[:split], False)], PAGE, CPU)
+    forward(mw, head, *cache)
+    tail, _ = build_batch([SeqChunk(pages, split, ids[split:], True)], PAGE, CPU)
+    got = forward(mw, tail, *cache)
+    assert int(got.argmax()) == int(expected.argmax())
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
