@@ -165,18 +165,31 @@ def make_linear(
     return Linear(None, q8.contiguous(), scale.contiguous(), b)
 
 
-def linear(x: Tensor, lin: Linear) -> Tensor:
-    """x [T, in] -> [T, out]."""
+def linear(x: Tensor, lin: Linear, kernel_rows: int | None = None) -> Tensor:
+    """x [T, in] -> [T, out].
+
+    ``kernel_rows``: for int4, how many leading rows (the decode rows) go through the
+    int4 kernel; the rest (prompt rows) through the unpacked matrix. A row's path then
+    depends on what the row is, never on what shares its batch, so a stream decodes the
+    same tokens alone or batched, and a prompt the same whole or in chunks. None: the
+    kernel for up to ``INT8_KERNEL_MAX_ROWS`` rows.
+    """
     if lin.weight is not None:
         return F.linear(x, lin.weight, lin.bias)
     if lin.q4 is not None:
         assert lin.q4_sz is not None
-        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.contiguous(), lin.q4, INT4_GROUP, lin.q4_sz
+        t = x.shape[0]
+        k = (t if t <= INT8_KERNEL_MAX_ROWS else 0) if kernel_rows is None else min(kernel_rows, t)
+        parts = []
+        if k:
+            parts.append(
+                torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x[:k].contiguous(), lin.q4, INT4_GROUP, lin.q4_sz
+                )
             )
-        else:
-            y = F.linear(x, _int4_dequantize(lin, x.dtype))
+        if k < t:
+            parts.append(F.linear(x[k:], _int4_dequantize(lin, x.dtype)))
+        y: Tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         return y if lin.bias is None else y + lin.bias
     assert lin.q8 is not None
     assert lin.scale is not None
@@ -238,6 +251,12 @@ class ForwardBatch:
     write_slots: Tensor  # [T] cache slot each token's k/v goes to
     groups: tuple[AttentionGroup, ...]
     logit_rows: Tensor  # [R] rows of the flat batch whose logits are wanted
+
+    @property
+    def decode_rows(self) -> int:
+        """How many leading rows are single-token (decode) rows."""
+        g = self.groups[0] if self.groups else None
+        return g.n_seq if g is not None and g.q_len == 1 and g.start == 0 else 0
 
 
 def _take(weights: Mapping[str, Tensor], consume: bool) -> Callable[[str], Tensor]:
@@ -454,7 +473,8 @@ def _layer(
     t = x.shape[0]
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     hn = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-    qkv = linear(hn, lw.wqkv)  # [T, (H + 2KV) * D]
+    dec = batch.decode_rows
+    qkv = linear(hn, lw.wqkv, dec)  # [T, (H + 2KV) * D]
     qk = _rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), *rope)  # [T, H+KV, D]
     q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, KV, D]
     v = qkv[:, (h + kvh) * d :].view(t, kvh, d)  # [T, KV, D]
@@ -476,10 +496,10 @@ def _layer(
                 for g in groups
             ]
         )
-    x = x + linear(attn.reshape(t, h * d), lw.wo)
+    x = x + linear(attn.reshape(t, h * d), lw.wo, dec)
     hn = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-    gate, up = linear(hn, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
-    return x + linear(F.silu(gate) * up, lw.w_down)
+    gate, up = linear(hn, lw.w_gate_up, dec).chunk(2, dim=-1)  # [T, I] each
+    return x + linear(F.silu(gate) * up, lw.w_down, dec)
 
 
 def _with_head_gather(g: AttentionGroup, kv_heads: int) -> AttentionGroup:
@@ -514,4 +534,5 @@ def forward(
     x = rms_norm(x, w.norm, cfg.rms_norm_eps)
     if before_head is not None:
         before_head()
-    return linear(x, w.lm_head).float()  # [R, V]
+    # Decode rows lead the flat batch and so the logit rows: each wants its logits.
+    return linear(x, w.lm_head, batch.decode_rows).float()  # [R, V]

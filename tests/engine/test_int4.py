@@ -144,3 +144,24 @@ def test_prompt_in_one_chunk_or_kernel_sized_chunks_agrees() -> None:
     got = forward(mw, tail, *cache)
     assert int(got.argmax()) == int(expected.argmax())
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_decode_rows_take_the_kernel_whatever_shares_their_batch() -> None:
+    # A decode row batched with a long prompt chunk gets what it gets alone.
+    mw = _weights(TinySpec(seed=13), int4=True)
+    c = mw.config
+    k = torch.zeros(c.num_layers, 64 * PAGE, c.num_kv_heads, c.head_dim, dtype=BF16)
+    v = torch.zeros_like(k)
+    a = [(5 * i + 1) % 300 for i in range(9)]
+    b = [(11 * i + 2) % 300 for i in range(INT8_KERNEL_MAX_ROWS + 4)]
+    pa, pb = list(range(0, 8)), list(range(8, 24))
+    batch, _ = build_batch([SeqChunk(pa, 0, a[:-1], False)], PAGE, CPU)
+    forward(mw, batch, k, v)
+    alone_batch, _ = build_batch([SeqChunk(pa, 8, a[8:], True)], PAGE, CPU)
+    alone = forward(mw, alone_batch, k.clone(), v.clone())
+    mixed_batch, index = build_batch(
+        [SeqChunk(pb, 0, b, True), SeqChunk(pa, 8, a[8:], True)], PAGE, CPU
+    )
+    assert mixed_batch.decode_rows == 1
+    mixed = forward(mw, mixed_batch, k, v)
+    torch.testing.assert_close(mixed[index[1]], alone[0], atol=0, rtol=0)
