@@ -168,36 +168,43 @@ def make_linear(
 def linear(x: Tensor, lin: Linear, kernel_rows: int | None = None) -> Tensor:
     """x [T, in] -> [T, out].
 
-    ``kernel_rows``: for int4, how many leading rows (the decode rows) go through the
-    int4 kernel; the rest (prompt rows) through the unpacked matrix. A row's path then
-    depends on what the row is, never on what shares its batch, so a stream decodes the
-    same tokens alone or batched, and a prompt the same whole or in chunks. None: the
-    kernel for up to ``INT8_KERNEL_MAX_ROWS`` rows.
+    ``kernel_rows``: for quantized weights, how many leading rows (the decode rows) go
+    through the int4/int8 kernel; the rest (prompt rows) through the unpacked matrix.
+    A row's path then depends on what the row is, never on what shares its batch, so a
+    stream decodes the same tokens alone or batched, and a prompt the same whole or in
+    chunks. None: the kernel for up to ``INT8_KERNEL_MAX_ROWS`` rows.
     """
     if lin.weight is not None:
         return F.linear(x, lin.weight, lin.bias)
+    t = x.shape[0]
+    k = (t if t <= INT8_KERNEL_MAX_ROWS else 0) if kernel_rows is None else min(kernel_rows, t)
+    parts = []
+    if k:
+        parts.append(_kernel(x[:k].contiguous(), lin))
+    if k < t or not parts:
+        parts.append(F.linear(x[k:], _dequantize(lin, x.dtype)))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return y if lin.bias is None else y + lin.bias
+
+
+def _kernel(x: Tensor, lin: Linear) -> Tensor:
+    """The weight-only int4 or int8 kernel: x [T, in] -> [T, out], no bias."""
     if lin.q4 is not None:
         assert lin.q4_sz is not None
-        t = x.shape[0]
-        k = (t if t <= INT8_KERNEL_MAX_ROWS else 0) if kernel_rows is None else min(kernel_rows, t)
-        parts = []
-        if k:
-            parts.append(
-                torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x[:k].contiguous(), lin.q4, INT4_GROUP, lin.q4_sz
-                )
-            )
-        if k < t:
-            parts.append(F.linear(x[k:], _int4_dequantize(lin, x.dtype)))
-        y: Tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return y if lin.bias is None else y + lin.bias
+        y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.q4, INT4_GROUP, lin.q4_sz)
+        return y
     assert lin.q8 is not None
     assert lin.scale is not None
-    if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-        y = torch._weight_int8pack_mm(x.contiguous(), lin.q8, lin.scale)
-    else:
-        y = F.linear(x, lin.q8.to(x.dtype) * lin.scale.unsqueeze(1))
-    return y if lin.bias is None else y + lin.bias
+    return torch._weight_int8pack_mm(x, lin.q8, lin.scale)
+
+
+def _dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
+    """The quantized matrix as floats [out, in]."""
+    if lin.q4 is not None:
+        return _int4_dequantize(lin, dtype)
+    assert lin.q8 is not None
+    assert lin.scale is not None
+    return lin.q8.to(dtype) * lin.scale.unsqueeze(1).to(dtype)
 
 
 @attrs.frozen
