@@ -207,6 +207,7 @@ def from_checkpoint(
     n_layers = cfg.num_layers
     weights = build_weights(
         cfg, ckpt.weights, dtype=dtype, device=device, max_positions=max_seq_len, int8=int8,
+        int4=ckpt.four_bit,
         consume=True,
     )
     # One spare page per possible job so rewinds and page rounding never run short.

@@ -63,12 +63,14 @@ def build_batch(
 
     decode = [chunks[i] for i in order if len(chunks[i].tokens) == 1]
     if decode:
-        lengths = torch.tensor([c.start + 1 for c in decode], device=device)  # [B]
         longest = max(c.start + 1 for c in decode)
         n_pages = -(-longest // page_size)
         gather = _slots(_page_table(decode, n_pages, device), page_size, longest)  # [B, L]
-        hidden = torch.arange(longest, device=device) >= lengths.unsqueeze(1)  # [B, L]
-        mask = _additive(hidden).view(len(decode), 1, longest)  # [B, 1, L] fp32
+        mask = None  # one sequence sees every key gathered: nothing to hide
+        if len(decode) > 1:
+            lengths = torch.tensor([c.start + 1 for c in decode], device=device)  # [B]
+            hidden = torch.arange(longest, device=device) >= lengths.unsqueeze(1)  # [B, L]
+            mask = _additive(hidden).view(len(decode), 1, longest)  # [B, 1, L] fp32
         groups.append(AttentionGroup(0, len(decode), 1, gather, mask))
 
     for i in order:

@@ -46,6 +46,9 @@ class Checkpoint:
     generation: GenerationDefaults
     path: Path
     format: str  # "hf" or "gguf"
+    # Names of the weights the file stores with 4 bits per value (GGUF Q4_1):
+    # these can be held as int4 without losing anything.
+    four_bit: frozenset[str] = frozenset()
 
 
 def merge_eos_ids(*sources: Iterable[int | None] | int | None) -> tuple[int, ...]:

@@ -23,8 +23,9 @@ import torch
 from tabby.engine.batch import SeqChunk, build_batch
 from tabby.engine.cache import CacheStats, PagedKVCache, page_keys
 from tabby.engine.jobstate import JobState, TextSource
-from tabby.engine.model import ModelWeights, forward
+from tabby.engine.model import ForwardBatch, ModelWeights, forward
 from tabby.engine.picker import pick_tokens
+from tabby.engine.threads import DecodeThreads
 from tabby.errors import ContextLengthExceeded, InvalidRequest
 from tabby.jobs import GenerationJob, JobResult
 
@@ -70,6 +71,10 @@ class Generator:
         self._live: list[JobState] = []
         self._last_batch = 0
         self._generated = 0
+        # Prefill runs on the threads set at load; decode steps on what measures faster.
+        self._max_threads = torch.get_num_threads()
+        self._decode_threads = DecodeThreads(self._max_threads)
+        self._decode_rows = 0
 
     # -- the backend surface --------------------------------------------------------------
 
@@ -142,8 +147,7 @@ class Generator:
         now = time.perf_counter()
         chunks, members = self._plan(now)
         batch, logit_index = build_batch(chunks, self.cache.page_size, self.device)
-        # The sampler works on the CPU whatever the model's device (a no-op on CPU).
-        logits = forward(self.weights, batch, self.cache.k, self.cache.v, before_head).cpu()
+        logits = self._forward(batch, len(chunks), len(batch.tokens) == len(chunks), before_head)
         self._last_batch = len(chunks)
         for s, c in zip(members, chunks, strict=True):
             s.n_done += len(c.tokens)
@@ -164,6 +168,36 @@ class Generator:
                 if s.finished:
                     self._finish(s)
         return results
+
+    def _forward(
+        self,
+        batch: ForwardBatch,
+        rows: int,
+        decode_only: bool,
+        before_head: Callable[[], None] | None,
+    ) -> torch.Tensor:
+        """Logits on the CPU (where the sampler works) on the step's thread count."""
+        if not decode_only or self.device.type != "cpu":
+            _set_threads(self._max_threads)
+            return forward(self.weights, batch, self.cache.k, self.cache.v, before_head).cpu()
+        if rows != self._decode_rows:
+            self._decode_rows = rows
+            self._decode_threads.reset()
+        _set_threads(self._decode_threads.next_threads())
+        away = 0.0
+
+        def timed_before_head() -> None:
+            # The hand-off's time is the caller's, not the step's.
+            nonlocal away
+            t = time.perf_counter()
+            if before_head is not None:
+                before_head()
+            away = time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        logits = forward(self.weights, batch, self.cache.k, self.cache.v, timed_before_head)
+        self._decode_threads.record(time.perf_counter() - t0 - away)
+        return logits
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -246,3 +280,8 @@ class Generator:
         s.pages = []
         s.finished = True
         self._live.remove(s)
+
+
+def _set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

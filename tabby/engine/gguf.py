@@ -33,6 +33,11 @@ SUPPORTED_TENSOR_TYPES = frozenset({
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 })
 
+# Formats whose values an int4 matrix with a scale and zero per 32 inputs holds as they
+# are: Q4_1 blocks span 0..15 from their min to their max, which is how the engine
+# requantizes. (Q4_0 and Q4_K blocks need not reach both ends.)
+FOUR_BIT_TYPES = frozenset({Q.Q4_1})
+
 Fix = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -331,28 +336,33 @@ def load_gguf(
         tokenizer = gguf_tokenizer(g.metadata, g.path.name)
         generation = gguf_generation(g, tokenizer)
         config = attrs.evolve(config, eos_token_ids=generation.eos_token_ids)
-        weights = _gguf_weights(g, config, dtype, progress)
+        weights, four_bit = _gguf_weights(g, config, dtype, progress)
     finally:
         g.close()
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer,
-                      generation=generation, path=Path(path), format="gguf")
+                      generation=generation, path=Path(path), format="gguf",
+                      four_bit=four_bit)
 
 
 def _gguf_weights(
     g: GGUFFile, config: ModelConfig, dtype: torch.dtype, progress: LoadProgressFn | None
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """HF-named tensors, and the names of those stored with 4 bits."""
     # llama.cpp's converter permutes Q/K rows only for archs whose ggml rope is the
     # interleaved kind ("llama"); qwen2 uses NEOX rope, already HF's layout.
     permuted = g.metadata.get("general.architecture") in ("llama", "mistral")
     total = config.num_layers + 2
     done = 0
     weights: dict[str, torch.Tensor] = {}
+    four_bit: set[str] = set()
 
     def put(hf_name: str, gguf_name: str, fix: Fix | None = None) -> None:
         if gguf_name not in g.tensors:
             raise NotSupported(f"{g.path.name}: tensor {gguf_name!r} is missing")
         a = g.array(gguf_name)
         weights[hf_name] = to_torch(fix(a) if fix else a, dtype)
+        if g.tensors[gguf_name].type in FOUR_BIT_TYPES:
+            four_bit.add(hf_name)
 
     def step() -> None:
         nonlocal done
@@ -378,4 +388,4 @@ def _gguf_weights(
     if not config.tie_word_embeddings:
         put("lm_head.weight", "output.weight")
     step()
-    return weights
+    return weights, frozenset(four_bit)

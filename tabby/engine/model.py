@@ -14,7 +14,7 @@ layout and are fused here: q/k/v into one matrix, gate/up into another.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from tabby.engine.config import ModelConfig, RopeScaling
 
 __all__ = [
+    "INT4_GROUP",
     "INT8_KERNEL_MAX_ROWS",
     "AttentionGroup",
     "ForwardBatch",
@@ -32,6 +33,7 @@ __all__ = [
     "ModelWeights",
     "build_weights",
     "forward",
+    "int4_supported",
     "linear",
     "make_linear",
     "rms_norm",
@@ -42,21 +44,88 @@ __all__ = [
 # running a float matmul (measured on AVX-512 bf16: ~2x at 1 row, even at ~48).
 INT8_KERNEL_MAX_ROWS = 32
 
+# Inputs per int4 scale/zero pair: the block size of GGUF's Q4_0/Q4_1 and of Q4_K's
+# sub-blocks, so a matrix read from those formats keeps its values.
+INT4_GROUP = 32
+# The CPU int4 kernel packs output rows in tiles of this many.
+_INT4_TILE = 64
+
 
 @attrs.frozen
 class Linear:
-    """A weight matrix [out, in]: floats, or int8 rows with one scale per row."""
+    """A weight matrix [out, in]: floats, int8 rows with one scale per row, or int4
+    with a scale and zero per group of ``INT4_GROUP`` inputs."""
 
     weight: Tensor | None  # [out, in] compute dtype; None when quantized
     q8: Tensor | None = None  # [out, in] int8
     scale: Tensor | None = None  # [out] compute dtype
     bias: Tensor | None = None  # [out]
+    # int4 values q in 0..15 and w = (q - 8) * scale + zero, held twice: packed for the
+    # kernel (its layout is torch's own) and two to a byte in row order for prefill.
+    q4: Tensor | None = None  # [out, in / 2] uint8, the kernel's layout
+    q4_sz: Tensor | None = None  # [in / G, out, 2] bf16: scale, zero
+    q4_rows: Tensor | None = None  # [out, in / 2] uint8: inputs k (low), in / 2 + k (high)
+    q4_scale: Tensor | None = None  # [out, in / G, 1] fp32
+    q4_base: Tensor | None = None  # [out, in / G, 1] fp32: zero - 8 * scale
 
     @property
     def out_features(self) -> int:
-        w = self.weight if self.weight is not None else self.q8
-        assert w is not None
-        return int(w.shape[0])
+        if self.weight is not None:
+            return int(self.weight.shape[0])
+        if self.q8 is not None:
+            return int(self.q8.shape[0])
+        assert self.q4_sz is not None
+        return int(self.q4_sz.shape[1])
+
+
+def int4_supported(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a [out, in] matrix can be held as int4: the kernel is bf16 on CPU only."""
+    out, inp = shape
+    # Whole groups in each half of a row, for the prefill copy's nibble order.
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and out % _INT4_TILE == 0
+        and inp % (2 * INT4_GROUP) == 0
+    )
+
+
+def _int4_dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
+    """The int4 matrix as floats [out, in], for many-row products (prefill)."""
+    assert lin.q4_rows is not None
+    assert lin.q4_scale is not None
+    assert lin.q4_base is not None
+    out, half = lin.q4_rows.shape
+    groups = lin.q4_scale.shape[1]
+    q = torch.empty(out, 2, half, dtype=torch.uint8, device=lin.q4_rows.device)  # [out, 2, in/2]
+    # Four bytes at a time: each nibble of a byte masked out in one int32 operation.
+    packed = lin.q4_rows.view(torch.int32)  # [out, in/8]
+    low, high = q[:, 0].view(torch.int32), q[:, 1].view(torch.int32)
+    torch.bitwise_and(packed, 0x0F0F0F0F, out=low)
+    torch.bitwise_right_shift(packed, 4, out=high).bitwise_and_(0x0F0F0F0F)
+    # In fp32, as the kernel computes, and rounded to ``dtype`` once: the prompt's rows
+    # here and a cached prompt's last rows in the kernel must pick the same tokens.
+    w = q.view(out, groups, INT4_GROUP).float()  # [out, in/G, G]
+    w.mul_(lin.q4_scale).add_(lin.q4_base)
+    return w.view(out, half * 2).to(dtype)
+
+
+def _quantize_int4(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Asymmetric int4 per group: values [out, in] int32 0..15 and scale/zero [in/G, out, 2].
+
+    Min and max of each group land on 0 and 15, which is how GGUF's Q4_1 is made: such
+    a matrix comes back with the values it was stored with, up to the bf16 scales.
+    """
+    out, inp = wf.shape
+    g = wf.view(out, inp // INT4_GROUP, INT4_GROUP)  # [out, in/G, G]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [out, in/G]
+    # Scales rounded to the kernel's dtype first, so the values are chosen against them.
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(dtype)
+    zero = (lo + 8 * scale.float()).to(dtype)
+    base = zero.float() - 8 * scale.float()
+    q = ((g - base.unsqueeze(-1)) / scale.float().unsqueeze(-1)).round_().clamp_(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in/G, out, 2]
+    return q.view(out, inp).to(torch.int32), sz
 
 
 def make_linear(
@@ -65,9 +134,27 @@ def make_linear(
     dtype: torch.dtype,
     device: torch.device,
     int8: bool = False,
+    int4: bool = False,
     bias: Tensor | None = None,
 ) -> Linear:
+    """``int4`` (where :func:`int4_supported`) wins over ``int8``; a matrix the int4
+    kernel cannot take falls back to int8 when ``int8`` is set, floats otherwise."""
     b = None if bias is None else bias.to(device=device, dtype=dtype)
+    if int4 and int4_supported(tuple(w.shape), dtype, device):
+        q, sz = _quantize_int4(w.to(device=device, dtype=torch.float32), dtype)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        half = q.shape[1] // 2
+        rows = (q[:, :half] | (q[:, half:] << 4)).to(torch.uint8)  # [out, in/2]
+        scale, zero = sz.transpose(0, 1).float().unbind(-1)  # [out, in/G] each
+        return Linear(
+            None,
+            bias=b,
+            q4=packed,
+            q4_sz=sz,
+            q4_rows=rows.contiguous(),
+            q4_scale=scale.unsqueeze(-1),
+            q4_base=(zero - 8 * scale).unsqueeze(-1),
+        )
     if not int8:
         return Linear(w.to(device=device, dtype=dtype).contiguous(), bias=b)
     wf = w.to(device=device, dtype=torch.float32)
@@ -78,17 +165,46 @@ def make_linear(
     return Linear(None, q8.contiguous(), scale.contiguous(), b)
 
 
-def linear(x: Tensor, lin: Linear) -> Tensor:
-    """x [T, in] -> [T, out]."""
+def linear(x: Tensor, lin: Linear, kernel_rows: int | None = None) -> Tensor:
+    """x [T, in] -> [T, out].
+
+    ``kernel_rows``: for quantized weights, how many leading rows (the decode rows) go
+    through the int4/int8 kernel; the rest (prompt rows) through the unpacked matrix.
+    A row's path then depends on what the row is, never on what shares its batch, so a
+    stream decodes the same tokens alone or batched, and a prompt the same whole or in
+    chunks. None: the kernel for up to ``INT8_KERNEL_MAX_ROWS`` rows.
+    """
     if lin.weight is not None:
         return F.linear(x, lin.weight, lin.bias)
+    t = x.shape[0]
+    k = (t if t <= INT8_KERNEL_MAX_ROWS else 0) if kernel_rows is None else min(kernel_rows, t)
+    parts = []
+    if k:
+        parts.append(_kernel(x[:k].contiguous(), lin))
+    if k < t or not parts:
+        parts.append(F.linear(x[k:], _dequantize(lin, x.dtype)))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return y if lin.bias is None else y + lin.bias
+
+
+def _kernel(x: Tensor, lin: Linear) -> Tensor:
+    """The weight-only int4 or int8 kernel: x [T, in] -> [T, out], no bias."""
+    if lin.q4 is not None:
+        assert lin.q4_sz is not None
+        y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.q4, INT4_GROUP, lin.q4_sz)
+        return y
     assert lin.q8 is not None
     assert lin.scale is not None
-    if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-        y = torch._weight_int8pack_mm(x.contiguous(), lin.q8, lin.scale)
-    else:
-        y = F.linear(x, lin.q8.to(x.dtype) * lin.scale.unsqueeze(1))
-    return y if lin.bias is None else y + lin.bias
+    return torch._weight_int8pack_mm(x, lin.q8, lin.scale)
+
+
+def _dequantize(lin: Linear, dtype: torch.dtype) -> Tensor:
+    """The quantized matrix as floats [out, in]."""
+    if lin.q4 is not None:
+        return _int4_dequantize(lin, dtype)
+    assert lin.q8 is not None
+    assert lin.scale is not None
+    return lin.q8.to(dtype) * lin.scale.unsqueeze(1).to(dtype)
 
 
 @attrs.frozen
@@ -143,6 +259,12 @@ class ForwardBatch:
     groups: tuple[AttentionGroup, ...]
     logit_rows: Tensor  # [R] rows of the flat batch whose logits are wanted
 
+    @property
+    def decode_rows(self) -> int:
+        """How many leading rows are single-token (decode) rows."""
+        g = self.groups[0] if self.groups else None
+        return g.n_seq if g is not None and g.q_len == 1 and g.start == 0 else 0
+
 
 def _take(weights: Mapping[str, Tensor], consume: bool) -> Callable[[str], Tensor]:
     def take(name: str) -> Tensor:
@@ -166,6 +288,7 @@ def build_weights(
     device: torch.device,
     max_positions: int,
     int8: bool = False,
+    int4: Collection[str] = (),
     consume: bool = False,
     on_layer: Callable[[int], None] | None = None,
 ) -> ModelWeights:
@@ -174,16 +297,20 @@ def build_weights(
     ``consume``: remove each tensor from ``weights`` (a dict) once converted.
 
     ``int8``: hold every matrix as weight-only int8 (per-row scales); activations
-    stay in ``dtype``.
+    stay in ``dtype``. With it, the matrices whose every source tensor is named in
+    ``int4`` (those the checkpoint stores with 4 bits) are held as int4 where the
+    kernel allows: half the bytes to read per token, and no precision lost.
     """
 
     _w = _take(weights, consume)
+    four_bit = frozenset(int4) if int8 else frozenset()
 
     def cvt(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
-    def lin(t: Tensor, bias: Tensor | None = None) -> Linear:
-        return make_linear(t, dtype=dtype, device=device, int8=int8, bias=bias)
+    def lin(t: Tensor, bias: Tensor | None = None, *names: str) -> Linear:
+        q4 = bool(names) and four_bit.issuperset(names)
+        return make_linear(t, dtype=dtype, device=device, int8=int8, int4=q4, bias=bias)
 
     # The attention scale is folded into the query rows (exact for power-of-two head
     # sizes, and one multiply fewer per layer at run time).
@@ -191,23 +318,26 @@ def build_weights(
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        qkv = [_w(p + f"self_attn.{n}_proj.weight").float() for n in ("q", "k", "v")]
+        qkv_names = [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
+        gate_up_names = [p + f"mlp.{n}_proj.weight" for n in ("gate", "up")]
+        qkv = [_w(n).float() for n in qkv_names]
         wqkv = torch.cat([qkv[0] * scale, qkv[1], qkv[2]], dim=0)
         bqkv = None
         if config.attention_bias:
             b = [_w(p + f"self_attn.{n}_proj.bias").float() for n in ("q", "k", "v")]
             bqkv = torch.cat([b[0] * scale, b[1], b[2]])
-        gate_up = torch.cat(
-            [_w(p + "mlp.gate_proj.weight"), _w(p + "mlp.up_proj.weight")], dim=0
-        )
+        gate_up = torch.cat([_w(n) for n in gate_up_names], dim=0)
+        wo, down = p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"
         layers.append(
             LayerWeights(
                 attn_norm=cvt(_w(p + "input_layernorm.weight")),
-                wqkv=lin(wqkv, bqkv),
-                wo=lin(_w(p + "self_attn.o_proj.weight")),
+                # The 1/sqrt(D) folded into q is a power of two for the usual head
+                # sizes: q's 4-bit values survive it.
+                wqkv=lin(wqkv, bqkv, *qkv_names),
+                wo=lin(_w(wo), None, wo),
                 mlp_norm=cvt(_w(p + "post_attention_layernorm.weight")),
-                w_gate_up=lin(gate_up),
-                w_down=lin(_w(p + "mlp.down_proj.weight")),
+                w_gate_up=lin(gate_up, None, *gate_up_names),
+                w_down=lin(_w(down), None, down),
             )
         )
         if on_layer is not None:
@@ -215,9 +345,9 @@ def build_weights(
     raw_embed = _w("model.embed_tokens.weight")
     embed = cvt(raw_embed)
     if config.tie_word_embeddings or "lm_head.weight" not in weights:
-        lm_head = lin(raw_embed) if int8 else Linear(embed)
+        lm_head = lin(raw_embed, None, "model.embed_tokens.weight") if int8 else Linear(embed)
     else:
-        lm_head = lin(_w("lm_head.weight"))
+        lm_head = lin(_w("lm_head.weight"), None, "lm_head.weight")
     del raw_embed
     cos, sin = rope_tables(config, max_positions, device=device)
     return ModelWeights(
@@ -266,10 +396,9 @@ def rope_tables(
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalise in fp32 whatever the activation dtype, as the reference models do.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # One kernel that normalises in fp32 whatever the activation dtype (as the reference
+    # models do) where the spelled-out version took eight: a decode step runs 61 of them.
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -351,7 +480,8 @@ def _layer(
     t = x.shape[0]
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     hn = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-    qkv = linear(hn, lw.wqkv)  # [T, (H + 2KV) * D]
+    dec = batch.decode_rows
+    qkv = linear(hn, lw.wqkv, dec)  # [T, (H + 2KV) * D]
     qk = _rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), *rope)  # [T, H+KV, D]
     q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, KV, D]
     v = qkv[:, (h + kvh) * d :].view(t, kvh, d)  # [T, KV, D]
@@ -373,10 +503,10 @@ def _layer(
                 for g in groups
             ]
         )
-    x = x + linear(attn.reshape(t, h * d), lw.wo)
+    x = x + linear(attn.reshape(t, h * d), lw.wo, dec)
     hn = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-    gate, up = linear(hn, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
-    return x + linear(F.silu(gate) * up, lw.w_down)
+    gate, up = linear(hn, lw.w_gate_up, dec).chunk(2, dim=-1)  # [T, I] each
+    return x + linear(F.silu(gate) * up, lw.w_down, dec)
 
 
 def _with_head_gather(g: AttentionGroup, kv_heads: int) -> AttentionGroup:
@@ -411,4 +541,5 @@ def forward(
     x = rms_norm(x, w.norm, cfg.rms_norm_eps)
     if before_head is not None:
         before_head()
-    return linear(x, w.lm_head).float()  # [R, V]
+    # Decode rows lead the flat batch and so the logit rows: each wants its logits.
+    return linear(x, w.lm_head, batch.decode_rows).float()  # [R, V]

@@ -293,9 +293,11 @@ def test_before_head_runs_once_per_pass_before_the_lm_head(
     seen: list[str] = []
     real_linear = model.linear
 
-    def spy_linear(x: torch.Tensor, lin: model.Linear) -> torch.Tensor:
+    def spy_linear(
+        x: torch.Tensor, lin: model.Linear, kernel_rows: int | None = None
+    ) -> torch.Tensor:
         seen.append("head" if lin is g.weights.lm_head else "layer")
-        return real_linear(x, lin)
+        return real_linear(x, lin, kernel_rows)
 
     monkeypatch.setattr(model, "linear", spy_linear)
     g = make_gen()
