@@ -93,6 +93,7 @@ def config(tmp_path: Path, template: str) -> TabbyConfig:
             model_dir=str(tmp_path / "models"),
             templates_dir=str(templates),
             prompt_template=template,
+            dummy_model_names=("m",),  # the name the clients below send
         ),
         embeddings=EmbeddingsConfig(embedding_model_name=None),
         base_dir=tmp_path,
