@@ -165,3 +165,21 @@ def compiler(tokenizer: EngineTokenizer) -> ConstraintCompiler:
     return ConstraintCompiler(
         tokenizer, eos_ids=(tokenizer.eos_token_id,), vocab_size=tokenizer.vocab_size
     )
+
+
+async def assert_call_cut_off(client: Any, **request: Any) -> None:
+    """A tool call cut off by ``max_tokens`` is ``length`` with no content and no calls,
+    streaming and not (``client`` is an ``openai.AsyncOpenAI``)."""
+    for stream in (False, True):
+        cut = await client.chat.completions.create(**request, stream=stream)
+        if stream:
+            chunks = [c async for c in cut]
+            content = "".join(p.delta.content or "" for c in chunks for p in c.choices)
+            finish = [p.finish_reason for c in chunks for p in c.choices if p.finish_reason]
+            assert (content, finish) == ("", ["length"])
+        else:
+            choice = cut.choices[0]
+            assert choice.finish_reason == "length"
+            assert not choice.message.content
+            assert choice.message.tool_calls is None
+

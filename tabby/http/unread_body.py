@@ -72,7 +72,7 @@ class CloseUnreadBodies:
 
         async def guarded_send(message: ASGISendEvent) -> None:
             nonlocal closing
-            if message["type"] == "http.response.start" and not read:
+            if not read and message["type"] == "http.response.start":
                 closing = True
                 headers = [
                     (name, value)

@@ -24,6 +24,7 @@ from tabby.config import NetworkConfig, TabbyConfig
 from tabby.config.schema import EmbeddingsConfig, ModelConfigSection
 from tabby.jobs import GenerationJob
 from tabby.serving.tools import reassemble
+from tests.conftest import assert_call_cut_off
 
 REPO = Path(__file__).resolve().parents[2]
 DESCRIPTION = "The current weather in a city"
@@ -156,21 +157,10 @@ async def test_auto_without_tool_format_on_a_plain_template(
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     await check_formats(client)
     # A required call cut off by max_tokens is "length", with nothing half-parsed shown.
-    for stream in (False, True):
-        cut = await client.chat.completions.create(
-            model="m", messages=ask("mistral"), tools=TOOLS, tool_choice="required",
-            max_tokens=12, stream=stream,
-        )  # fmt: skip
-        if stream:
-            chunks = [c async for c in cut]  # type: ignore[union-attr]
-            content = "".join(p.delta.content or "" for c in chunks for p in c.choices)
-            finish = [p.finish_reason for c in chunks for p in c.choices if p.finish_reason]
-            assert (content, finish) == ("", ["length"])
-        else:
-            choice = cut.choices[0]  # type: ignore[union-attr]
-            assert choice.finish_reason == "length"
-            assert not choice.message.content
-            assert choice.message.tool_calls is None
+    await assert_call_cut_off(
+        client, model="m", messages=ask("mistral"), tools=TOOLS, tool_choice="required",
+        max_tokens=12,
+    )  # fmt: skip
     # So is an auto call cut off in the model's own format.
     cut = await client.chat.completions.create(
         model="m", messages=ask("hermes"), tools=TOOLS, max_tokens=30
